@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from acestep_daemon.model import AceStepConfig, AceStepModel
@@ -33,3 +34,11 @@ def test_model_owns_no_buffers_so_meta_construction_loads_with_assign() -> None:
 def test_config_ignores_unknown_keys_and_defaults_to_alternating_windows() -> None:
     config = AceStepConfig.from_dict({"num_hidden_layers": 4, "auto_map": {}, "is_turbo": True})
     assert [config.is_sliding(i) for i in range(4)] == [True, False, True, False]
+
+
+@pytest.mark.parametrize(
+    "change", [{"hidden_act": "gelu"}, {"rope_scaling": {"rope_type": "yarn"}}]
+)
+def test_config_rejects_variants_the_port_does_not_implement(change: dict) -> None:
+    with pytest.raises(ValueError):
+        AceStepConfig.from_dict(change)
