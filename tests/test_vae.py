@@ -76,6 +76,15 @@ def test_encode_mean_and_std_match_diffusers_posterior(vae: OobleckVAE, referenc
     assert_close(std, reference["encode.std"])
 
 
+def test_bf16_decode_and_encode_are_bit_identical_to_the_reference(reference: dict) -> None:
+    vae = load_tiny().to(torch.bfloat16)
+    with torch.no_grad():
+        audio = vae.decode(reference["decode.latents"].to(torch.bfloat16))
+        mean, _ = vae.encode(reference["encode.audio"].to(torch.bfloat16))
+    assert torch.equal(audio, reference["decode.audio_bf16"])
+    assert torch.equal(mean, reference["encode.mean_bf16"])
+
+
 def test_parametrization_key_names_load_as_weight_g_and_weight_v(reference: dict) -> None:
     renamed = {
         name.replace("weight_g", "parametrizations.weight.original0").replace(
