@@ -6,25 +6,12 @@ the CPU (see tests/fixtures/README.md); every stage must match within 1e-5 of it
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from model_fixtures import RELATIVE_TOLERANCE, TINY, load_tiny_model, relative_error
 from safetensors.torch import load_file
 
 from acestep_daemon.model import AceStepModel, RepaintInputs, draw_noise, sample_turbo
-
-TINY = Path(__file__).parent / "fixtures" / "acestep_tiny"
-RELATIVE_TOLERANCE = 1e-5
-
-
-def load_tiny_model() -> AceStepModel:
-    config = json.loads((TINY / "config.json").read_text())
-    with torch.device("meta"):
-        model = AceStepModel.from_config(config)
-    model.load_state_dict(load_file(TINY / "model.safetensors"), strict=True, assign=True)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +22,6 @@ def model() -> AceStepModel:
 @pytest.fixture(scope="module")
 def cases() -> dict[str, torch.Tensor]:
     return load_file(TINY / "cases.safetensors")
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    assert ours.shape == reference.shape
-    return float((ours.float() - reference.float()).abs().max() / reference.abs().max())
 
 
 def assert_parity(ours: torch.Tensor, reference: torch.Tensor) -> None:

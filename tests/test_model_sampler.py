@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
+from model_fixtures import TINY, load_tiny_model
 from safetensors.torch import load_file
-from test_model_parity import TINY, load_tiny_model
 
 from acestep_daemon.model import draw_noise, sample_turbo, snap_shift, turbo_timesteps
 from acestep_daemon.model.attention import rope_inv_freq
