@@ -119,8 +119,8 @@ def sample_turbo(
 
     noise [B, T, 64] (see `draw_noise`), encoder_hidden [B, S, D] from `encode_condition`,
     context [B, T, 128] from `build_context`; the schedule takes the context's dtype and
-    device, as upstream. `on_step(k, total)` runs
-    before each DiT call and may raise to cancel.
+    device, as upstream. `on_step(k, total)` runs before each DiT call and may raise to
+    cancel.
     """
     batch, device, dtype = context.shape[0], context.device, context.dtype
     schedule = torch.tensor(turbo_timesteps(shift), device=device, dtype=dtype)
