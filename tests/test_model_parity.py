@@ -130,3 +130,19 @@ def test_cover_generation_matches_official(
         model, cases, 3.0, latents, torch.ones(2, 17), cover_hints=hints, is_cover=is_cover
     )
     assert_parity(out, cases["cover.out"])
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 1e-2), (torch.bfloat16, 1e-1)])
+@torch.no_grad()
+def test_half_precision_generation_tracks_the_official_fp32_result(
+    cases: dict[str, torch.Tensor], dtype: torch.dtype, tolerance: float
+) -> None:
+    model = load_tiny_model().to(dtype)
+    names = ("text_hidden", "text_mask", "lyric_hidden", "lyric_mask", "refer_latents")
+    inputs = [cases[f"condition.{n}"] for n in names]
+    inputs = [t.to(dtype) if "mask" not in n else t for n, t in zip(names, inputs, strict=True)]
+    hidden, _ = model.encode_condition(*inputs, cases["condition.refer_order"])
+    context = model.build_context(silence_source(cases).to(dtype), torch.ones(2, 17))
+    out = sample_turbo(model, cases["generate.noise"].to(dtype), hidden, context, 3.0)
+    assert out.dtype == dtype
+    assert relative_error(out, cases["generate.shift3"]) <= tolerance
