@@ -42,3 +42,21 @@ def test_config_ignores_unknown_keys_and_defaults_to_alternating_windows() -> No
 def test_config_rejects_variants_the_port_does_not_implement(change: dict) -> None:
     with pytest.raises(ValueError):
         AceStepConfig.from_dict(change)
+
+
+def test_full_size_stages_produce_the_documented_shapes_on_the_meta_device() -> None:
+    def empty(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, dtype=torch.bfloat16)
+
+    with torch.device("meta"):
+        model = AceStepModel.from_config(_manifest()["config"]).to(torch.bfloat16)
+        velocity = model.decoder(
+            empty(1, 255, 64), empty(1), empty(1), empty(1, 40, 2048), empty(1, 255, 128)
+        )
+        quantized, indices = model.tokenize(empty(1, 255, 64), empty(1, 15000, 64))
+        hints = model.detokenize(quantized)
+        lyrics = model.encoder.lyric_encoder(empty(1, 30, 1024), torch.ones(1, 30))
+    assert velocity.shape == (1, 255, 64) and velocity.dtype == torch.bfloat16
+    assert quantized.shape == (1, 51, 2048) and indices.shape == (1, 51, 1)
+    assert hints.shape == (1, 255, 64)
+    assert lyrics.shape == (1, 30, 2048)

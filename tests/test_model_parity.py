@@ -6,25 +6,12 @@ the CPU (see tests/fixtures/README.md); every stage must match within 1e-5 of it
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from model_fixtures import RELATIVE_TOLERANCE, TINY, load_tiny_model, relative_error
 from safetensors.torch import load_file
 
 from acestep_daemon.model import AceStepModel, RepaintInputs, draw_noise, sample_turbo
-
-TINY = Path(__file__).parent / "fixtures" / "acestep_tiny"
-RELATIVE_TOLERANCE = 1e-5
-
-
-def load_tiny_model() -> AceStepModel:
-    config = json.loads((TINY / "config.json").read_text())
-    with torch.device("meta"):
-        model = AceStepModel.from_config(config)
-    model.load_state_dict(load_file(TINY / "model.safetensors"), strict=True, assign=True)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +22,6 @@ def model() -> AceStepModel:
 @pytest.fixture(scope="module")
 def cases() -> dict[str, torch.Tensor]:
     return load_file(TINY / "cases.safetensors")
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    assert ours.shape == reference.shape
-    return float((ours.float() - reference.float()).abs().max() / reference.abs().max())
 
 
 def assert_parity(ours: torch.Tensor, reference: torch.Tensor) -> None:
@@ -148,3 +130,19 @@ def test_cover_generation_matches_official(
         model, cases, 3.0, latents, torch.ones(2, 17), cover_hints=hints, is_cover=is_cover
     )
     assert_parity(out, cases["cover.out"])
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 1e-2), (torch.bfloat16, 1e-1)])
+@torch.no_grad()
+def test_half_precision_generation_tracks_the_official_fp32_result(
+    cases: dict[str, torch.Tensor], dtype: torch.dtype, tolerance: float
+) -> None:
+    model = load_tiny_model().to(dtype)
+    names = ("text_hidden", "text_mask", "lyric_hidden", "lyric_mask", "refer_latents")
+    inputs = [cases[f"condition.{n}"] for n in names]
+    inputs = [t.to(dtype) if "mask" not in n else t for n, t in zip(names, inputs, strict=True)]
+    hidden, _ = model.encode_condition(*inputs, cases["condition.refer_order"])
+    context = model.build_context(silence_source(cases).to(dtype), torch.ones(2, 17))
+    out = sample_turbo(model, cases["generate.noise"].to(dtype), hidden, context, 3.0)
+    assert out.dtype == dtype
+    assert relative_error(out, cases["generate.shift3"]) <= tolerance

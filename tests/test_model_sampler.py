@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
+from model_fixtures import TINY, load_tiny_model
 from safetensors.torch import load_file
-from test_model_parity import TINY, load_tiny_model
 
 from acestep_daemon.model import draw_noise, sample_turbo, snap_shift, turbo_timesteps
 from acestep_daemon.model.attention import rope_inv_freq
@@ -74,8 +74,8 @@ class StubModel:
 
 def test_sampler_feeds_bf16_rounded_timesteps_and_reports_each_step() -> None:
     stub, steps = StubModel(), []
-    noise = torch.zeros(2, 3, 4, dtype=torch.bfloat16)
-    out = sample_turbo(stub, noise, None, None, 3.0, on_step=lambda k, n: steps.append((k, n)))
+    noise, context = torch.zeros(2, 3, 4, dtype=torch.bfloat16), torch.zeros(2, 3, 8).bfloat16()
+    out = sample_turbo(stub, noise, None, context, 3.0, on_step=lambda k, n: steps.append((k, n)))
     assert steps == [(k, 8) for k in range(8)]
     assert all(t.dtype == torch.bfloat16 and t.shape == (2,) for t in stub.decoder.timesteps)
     assert [t[0].item() for t in stub.decoder.timesteps] == BF16_TIMESTEPS[3.0]
@@ -95,7 +95,9 @@ def test_on_step_may_raise_to_cancel_before_the_dit_runs() -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sample_turbo(stub, torch.zeros(1, 2, 4), None, None, 1.0, on_step=cancel_at_two)
+        sample_turbo(
+            stub, torch.zeros(1, 2, 4), None, torch.zeros(1, 2, 8), 1.0, on_step=cancel_at_two
+        )
     assert len(stub.decoder.timesteps) == 2
 
 

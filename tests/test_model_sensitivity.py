@@ -6,18 +6,15 @@ import json
 
 import pytest
 import torch
+from model_fixtures import RELATIVE_TOLERANCE, TINY, load_weights, relative_error
 from safetensors.torch import load_file
-from test_model_parity import RELATIVE_TOLERANCE, TINY, relative_error
 
 from acestep_daemon.model import AceStepModel
 
 
 def tiny_model(state: dict[str, torch.Tensor], **config_changes: object) -> AceStepModel:
     config = json.loads((TINY / "config.json").read_text()) | config_changes
-    with torch.device("meta"):
-        model = AceStepModel.from_config(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return load_weights(config, state)
 
 
 @torch.no_grad()
