@@ -1,0 +1,35 @@
+"""The full-size model has exactly the turbo checkpoint's tensor names and shapes."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from acestep_daemon.model import AceStepConfig, AceStepModel
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _manifest() -> dict:
+    return json.loads((FIXTURES / "acestep-v15-turbo.keys.json").read_text())
+
+
+def test_full_size_state_dict_matches_checkpoint_keys_and_shapes() -> None:
+    manifest = _manifest()
+    with torch.device("meta"):
+        model = AceStepModel.from_config(manifest["config"])
+    shapes = {name: list(t.shape) for name, t in model.state_dict().items()}
+    assert shapes == {name: entry["shape"] for name, entry in manifest["keys"].items()}
+    assert len(shapes) == manifest["num_tensors"] == 677
+    assert sum(t.numel() for t in model.state_dict().values()) == manifest["num_elements"]
+
+
+def test_model_owns_no_buffers_so_meta_construction_loads_with_assign() -> None:
+    with torch.device("meta"):
+        model = AceStepModel.from_config(_manifest()["config"])
+    assert list(model.buffers()) == []
+
+
+def test_config_ignores_unknown_keys_and_defaults_to_alternating_windows() -> None:
+    config = AceStepConfig.from_dict({"num_hidden_layers": 4, "auto_map": {}, "is_turbo": True})
+    assert [config.is_sliding(i) for i in range(4)] == [True, False, True, False]
