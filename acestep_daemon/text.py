@@ -123,7 +123,7 @@ class TextEncoder:
         tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
         tokenizer.padding_side = "right"
         model = Qwen3Model.from_pretrained(
-            text_dir, torch_dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+            text_dir, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
         )
         model.eval().requires_grad_(False)
         encoder = cls(tokenizer, model)

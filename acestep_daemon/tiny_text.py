@@ -17,7 +17,7 @@ from tokenizers.processors import TemplateProcessing
 from tokenizers.trainers import BpeTrainer
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
 
-from acestep_daemon.tiny_weights import save_random_weights
+from acestep_daemon.tiny_weights import random_weights, save_weights
 
 TEXT_HIDDEN = 32
 """Width of the tiny Qwen3 (the real one is 1024); the DiT's text_hidden_dim follows it."""
@@ -157,4 +157,4 @@ def write_tiny_text_encoder(folder: Path, generator: torch.Generator) -> None:
     config.to_json_file(folder / "config.json")
     with torch.device("meta"):
         shapes = Qwen3Model(config).state_dict()
-    save_random_weights(shapes, folder / "model.safetensors", generator)
+    save_weights(random_weights(shapes, generator), folder / "model.safetensors")

@@ -29,9 +29,13 @@ def random_tensor(name: str, shape: torch.Size, generator: torch.Generator) -> t
     return 0.1 * noise
 
 
-def save_random_weights(
-    shapes: dict[str, torch.Tensor], path: Path, generator: torch.Generator
-) -> None:
-    """Draw every tensor of a (meta) state dict, in sorted key order, into a safetensors file."""
-    tensors = {name: random_tensor(name, shapes[name].shape, generator) for name in sorted(shapes)}
+def random_weights(
+    shapes: dict[str, torch.Tensor], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Draw every tensor of a (meta) state dict, in sorted key order."""
+    return {name: random_tensor(name, shapes[name].shape, generator) for name in sorted(shapes)}
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file with the `format: pt` metadata transformers expects."""
     save_file(tensors, str(path), metadata={"format": "pt"})

@@ -171,7 +171,7 @@ def test_encode_caption_equals_qwen3_run_directly(
 ) -> None:
     prompts = [MODEL_MD_EXAMPLE, caption_prompt("lo-fi beat", render_metas(None, None, None, 8))]
     hidden, mask = encoder.encode_caption(prompts)
-    reference = Qwen3Model.from_pretrained(tiny_text_dir, torch_dtype=torch.float32).eval()
+    reference = Qwen3Model.from_pretrained(tiny_text_dir, dtype=torch.float32).eval()
     for row, prompt in enumerate(prompts):
         ids = encoder.tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
