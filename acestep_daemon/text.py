@@ -3,6 +3,11 @@
 The caption goes through the whole Qwen3 model (last hidden state after the final
 norm); the lyrics only through its input embedding table (MODEL.md §5). Prompt
 strings are reproduced byte for byte from the upstream templates.
+
+Token ids come from the checkpoint's own tokenizer files with default settings.
+The current Qwen3-Embedding tokenizer's post-processor appends `<|endoftext|>` to
+every sequence, so a caption ends `…<|endoftext|>, "\n", <|endoftext|>` and lyrics
+end `…<|endoftext|>, <|endoftext|>`; truncation keeps that final token.
 """
 
 from __future__ import annotations
