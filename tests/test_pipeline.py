@@ -160,7 +160,7 @@ def test_invalid_parameters_are_rejected_with_the_field_named(pipeline, changes,
 
 def test_missing_source_file_is_an_invalid_request(pipeline, tmp_path):
     params = GenerationParams(caption="x", task="cover", src_audio=tmp_path / "nope.wav")
-    with pytest.raises(InvalidRequest, match="nope.wav"):
+    with pytest.raises(InvalidRequest, match=r"nope\.wav"):
         pipeline.generate(params)
 
 
