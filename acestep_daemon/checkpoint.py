@@ -1,0 +1,158 @@
+"""Locate, download and verify the checkpoint folders (MODEL.md §1.1).
+
+A checkpoint is a folder in the layout of the Hugging Face repo
+`ACE-Step/Ace-Step1.5`, of which three sub-folders are used: the turbo DiT, the
+VAE and the Qwen3-Embedding text encoder (the 5 Hz LM is never downloaded).
+An explicit folder (`--model-dir` or `ACESTEP_MODEL_DIR`) wins; otherwise the
+Hugging Face cache is tried first and only what is missing is downloaded.
+Every needed file is checked before anything loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import snapshot_download
+from tqdm.auto import tqdm
+
+from acestep_daemon.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+HF_REPO_ID = "ACE-Step/Ace-Step1.5"
+MODEL_DIR_ENV = "ACESTEP_MODEL_DIR"
+DIT_FOLDER = "acestep-v15-turbo"
+VAE_FOLDER = "vae"
+TEXT_FOLDER = "Qwen3-Embedding-0.6B"
+
+REQUIRED_FILES: dict[str, tuple[str, ...]] = {
+    DIT_FOLDER: ("config.json", "model.safetensors", "silence_latent.pt"),
+    VAE_FOLDER: ("config.json", "diffusion_pytorch_model.safetensors"),
+    TEXT_FOLDER: (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+    ),
+}
+"""Files the loaders read, per sub-folder."""
+
+ALLOW_PATTERNS = [f"{folder}/*" for folder in REQUIRED_FILES]
+"""What is fetched from the Hub: the three sub-folders, nothing else."""
+
+_OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+@dataclass(frozen=True)
+class CheckpointPaths:
+    """The checkpoint root and its three sub-folders."""
+
+    root: Path
+
+    @property
+    def dit_dir(self) -> Path:
+        return self.root / DIT_FOLDER
+
+    @property
+    def vae_dir(self) -> Path:
+        return self.root / VAE_FOLDER
+
+    @property
+    def text_dir(self) -> Path:
+        return self.root / TEXT_FOLDER
+
+    def missing_files(self) -> list[str]:
+        """Required files (relative to root) that are absent, broken links or empty."""
+        missing = []
+        for folder, names in REQUIRED_FILES.items():
+            for name in names:
+                path = self.root / folder / name
+                if not path.is_file() or path.stat().st_size == 0:
+                    missing.append(f"{folder}/{name}")
+        return missing
+
+    def verify(self) -> CheckpointPaths:
+        """Return self when every required file is there; else raise CheckpointError."""
+        missing = self.missing_files()
+        if missing:
+            raise CheckpointError(
+                f"incomplete checkpoint in {self.root}: missing {', '.join(missing)}.\n"
+                f"{how_to_get_weights()}"
+            )
+        return self
+
+
+def how_to_get_weights() -> str:
+    """The one paragraph every 'no weights' error ends with."""
+    include = " ".join(f"'{pattern}'" for pattern in ALLOW_PATTERNS)
+    return (
+        "Get the weights in one of these ways:\n"
+        f"  - run once with network access: the three needed folders of {HF_REPO_ID} "
+        "are downloaded into the Hugging Face cache;\n"
+        f"  - download them yourself: huggingface-cli download {HF_REPO_ID} --include {include};\n"
+        f"  - or point --model-dir (or {MODEL_DIR_ENV}) at a folder holding "
+        f"{', '.join(f'{f}/' for f in REQUIRED_FILES)}."
+    )
+
+
+def resolve_checkpoint(model_dir: Path | None, *, download: bool = True) -> CheckpointPaths:
+    """Find a complete checkpoint and return its verified paths.
+
+    `model_dir` (else the `ACESTEP_MODEL_DIR` environment variable) names a folder
+    that is used as is. Without one, the Hugging Face cache copy of
+    `ACE-Step/Ace-Step1.5` is used when complete; otherwise the three sub-folders
+    are downloaded (with a progress bar) unless `download` is False or the Hub
+    is offline (`HF_HUB_OFFLINE`). Raises CheckpointError with instructions.
+    """
+    if model_dir is None and os.environ.get(MODEL_DIR_ENV):
+        model_dir = Path(os.environ[MODEL_DIR_ENV])
+    if model_dir is not None:
+        root = Path(model_dir).expanduser()
+        if not root.is_dir():
+            raise CheckpointError(f"model directory {root} does not exist.\n{how_to_get_weights()}")
+        return CheckpointPaths(root).verify()
+
+    cached = _cached_snapshot()
+    if cached is not None and not cached.missing_files():
+        return cached
+    if not download or _hub_offline():
+        reason = "downloads are disabled" if not download else "HF_HUB_OFFLINE is set"
+        if cached is None:
+            raise CheckpointError(
+                f"no copy of {HF_REPO_ID} in the Hugging Face cache and {reason}.\n"
+                f"{how_to_get_weights()}"
+            )
+        return cached.verify()
+    return _download().verify()
+
+
+def _cached_snapshot() -> CheckpointPaths | None:
+    """The cached snapshot of the repo, complete or not; None when there is none."""
+    try:
+        path = snapshot_download(HF_REPO_ID, allow_patterns=ALLOW_PATTERNS, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return CheckpointPaths(Path(path))
+
+
+def _download() -> CheckpointPaths:
+    log.info("downloading %s (%s) into the Hugging Face cache", HF_REPO_ID, ALLOW_PATTERNS)
+    try:
+        path = snapshot_download(HF_REPO_ID, allow_patterns=ALLOW_PATTERNS, tqdm_class=tqdm)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"could not download {HF_REPO_ID}: {exc}\n{how_to_get_weights()}"
+        ) from exc
+    return CheckpointPaths(Path(path))
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (the library reads it only once, at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE", "").upper()
+    return value in _OFFLINE_VALUES or bool(hf_constants.HF_HUB_OFFLINE)

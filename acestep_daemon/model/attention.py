@@ -1,0 +1,128 @@
+"""Multi-head attention of every ACE-Step stack: GQA, q/k RMSNorm, RoPE, banded masks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AceStepConfig
+from .layers import RMSNorm
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+"""(cos, sin), each [1, S, head_dim] in the activation dtype."""
+
+
+def rope_inv_freq(head_dim: int, theta: float, round_to: torch.dtype | None) -> torch.Tensor:
+    """Rotary frequencies 1 / theta^(2j / head_dim) -> [head_dim / 2] float32 on the CPU.
+
+    Computed on the CPU as the official buffer is; `round_to` rounds them through that dtype
+    (the official model's `inv_freq` buffer is cast with the module by `.to(dtype)`).
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    return inv_freq if round_to is None else inv_freq.to(round_to).float()
+
+
+def rope(length: int, config: AceStepConfig, dtype: torch.dtype, device: torch.device) -> Rope:
+    """cos/sin tables for positions 0..length-1, angles in float32, cast to `dtype`."""
+    round_to = dtype if config.rope_inv_freq_in_model_dtype else None
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, round_to).to(device)
+    positions = torch.arange(length, device=device, dtype=torch.float32)
+    angles = positions[:, None] * inv_freq[None, :]  # [S, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)[None]  # [1, S, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: Rope) -> torch.Tensor:
+    """Rotate-half RoPE on [B, H, S, head_dim]."""
+    cos, sin = (t.unsqueeze(1) for t in cos_sin)  # [1, 1, S, head_dim]
+    return x * cos + _rotate_half(x) * sin
+
+
+def additive_mask(
+    length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    window: int | None = None,
+    key_padding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bidirectional additive mask: 0 where attended, finfo(dtype).min elsewhere.
+
+    window: keep only |i - j| <= window. key_padding: [B, S], 0 marks keys to ignore.
+    Returns [1 or B, 1, S, S].
+    """
+    index = torch.arange(length, device=device)
+    keep = torch.ones(length, length, dtype=torch.bool, device=device)
+    if window is not None:
+        keep = (index[:, None] - index[None, :]).abs() <= window
+    keep = keep[None, None]  # [1, 1, S, S]
+    if key_padding is not None:
+        keep = keep & key_padding.to(torch.bool)[:, None, None, :]  # [B, 1, S, S]
+    mask = torch.full(keep.shape, torch.finfo(dtype).min, dtype=dtype, device=device)
+    return mask.masked_fill(keep, 0.0)
+
+
+def self_attention_masks(
+    config: AceStepConfig,
+    length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    key_padding: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, sliding) masks for one stack; layer i uses the one `config.is_sliding(i)` picks."""
+    full = additive_mask(length, dtype, device, key_padding=key_padding)
+    sliding = additive_mask(length, dtype, device, config.sliding_window, key_padding)
+    return full, sliding
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with RMS-normed queries and keys (per head) and GQA.
+
+    Self-attention rotates q and k with RoPE; cross-attention reads keys and values from the
+    condition sequence and has no RoPE.
+    """
+
+    def __init__(self, config: AceStepConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.kv_repeats = config.num_attention_heads // config.num_key_value_heads
+        q_width = config.num_attention_heads * config.head_dim
+        kv_width = config.num_key_value_heads * config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=bias)
+        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, H, S, head_dim]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cos_sin: Rope | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, S, D] -> [B, S, D]; keys/values from `context` [B, Sc, D] when given."""
+        source = x if context is None else context
+        batch, length, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(source).view(*source.shape[:2], -1, self.head_dim))
+        k = k.transpose(1, 2)  # [B, Hkv, Sk, head_dim]
+        v = self._heads(self.v_proj(source))
+        if cos_sin is not None:
+            q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        k = k.repeat_interleave(self.kv_repeats, dim=1)  # [B, H, Sk, head_dim]
+        v = v.repeat_interleave(self.kv_repeats, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))  # [B, S, D]

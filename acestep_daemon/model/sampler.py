@@ -1,0 +1,146 @@
+"""The turbo sampler (official `generate_audio`, ODE path): 8 Euler steps, last one jumps to x0.
+
+Rounding follows the official code exactly: the schedule becomes a tensor in the model dtype
+whose values are read back as Python floats, dt is the difference of those rounded values,
+and every update is two rounded tensor ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .acestep import AceStepModel
+
+SHIFT_TIMESTEPS: dict[float, tuple[float, ...]] = {
+    1.0: (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125),
+    2.0: (
+        1.0,
+        0.9333333333333333,
+        0.8571428571428571,
+        0.7692307692307693,
+        0.6666666666666666,
+        0.5454545454545454,
+        0.4,
+        0.2222222222222222,
+    ),
+    3.0: (1.0, 0.9545454545454546, 0.9, 0.8333333333333334, 0.75, 0.6428571428571429, 0.5, 0.3),
+}
+"""t_k = s·u / (1 + (s - 1)·u), u = 1 - k/8, for the three supported shifts s."""
+
+
+@dataclass(frozen=True)
+class RepaintInputs:
+    """Repaint a time range of `clean_latents`, keeping the rest (newer official behaviour).
+
+    mask [B, T] bool, true where frames are regenerated. For steps k < round(injection_ratio
+    · steps), after the Euler update, frames outside the range are reset to the source noised
+    to the next timestep; after the loop the result is blended back into the source with
+    linear ramps of up to `crossfade_frames` frames on both sides of the range
+    (0 disables the blend).
+    """
+
+    mask: torch.Tensor
+    clean_latents: torch.Tensor
+    injection_ratio: float = 0.5
+    crossfade_frames: int = 10
+
+
+def snap_shift(shift: float) -> float:
+    """Nearest supported shift (1, 2 or 3); ties go to the smaller one."""
+    return min(SHIFT_TIMESTEPS, key=lambda s: abs(s - shift))
+
+
+def turbo_timesteps(shift: float) -> list[float]:
+    """The 8 timesteps for `shift` after snapping (exact table values, before rounding)."""
+    return list(SHIFT_TIMESTEPS[snap_shift(shift)])
+
+
+def draw_noise(
+    seeds: list[int], frames: int, channels: int, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Initial noise [B, T, C] exactly as upstream draws it from a seed list.
+
+    One `torch.Generator(device).manual_seed(seed)` per item and one standard-normal draw of
+    shape [1, T, C] directly in `dtype` on `device` (values differ between CPU and CUDA).
+    """
+    draws = []
+    for seed in seeds:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+        draws.append(
+            torch.randn(1, frames, channels, generator=generator, device=device, dtype=dtype)
+        )
+    return torch.cat(draws, dim=0)
+
+
+def _inject_source(
+    x: torch.Tensor, repaint: RepaintInputs, noise: torch.Tensor, t_next: float
+) -> torch.Tensor:
+    """Frames outside the repaint range <- source noised to t_next."""
+    noised = t_next * noise + (1.0 - t_next) * repaint.clean_latents
+    return torch.where(repaint.mask[..., None].expand_as(x), x, noised)
+
+
+def _crossfade(x: torch.Tensor, repaint: RepaintInputs) -> torch.Tensor:
+    """Blend generated frames into the source: 1 inside the range, linear ramps outside.
+
+    The soft mask is float32, so the result is float32 (as upstream).
+    """
+    soft = repaint.mask.float().clone()  # [B, T]
+    frames, ramp = soft.shape[1], repaint.crossfade_frames
+    for row, keep in zip(soft, repaint.mask, strict=True):
+        if keep.all() or not keep.any():
+            continue
+        inside = torch.nonzero(keep).squeeze(-1)
+        left, right = int(inside[0]), int(inside[-1]) + 1
+        start, end = max(left - ramp, 0), min(right + ramp, frames)
+        if left > start:
+            row[start:left] = torch.linspace(0, 1, left - start + 2, device=row.device)[1:-1]
+        if end > right:
+            row[right:end] = torch.linspace(1, 0, end - right + 2, device=row.device)[1:-1]
+    m = soft[..., None].expand_as(x)
+    return m * x + (1.0 - m) * repaint.clean_latents
+
+
+@torch.no_grad()
+def sample_turbo(
+    model: AceStepModel,
+    noise: torch.Tensor,
+    encoder_hidden: torch.Tensor,
+    context: torch.Tensor,
+    shift: float,
+    *,
+    repaint: RepaintInputs | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Full turbo generation (official `generate_audio`, ODE, cover strength 1) -> [B, T, 64].
+
+    noise [B, T, 64] (see `draw_noise`), encoder_hidden [B, S, D] from `encode_condition`,
+    context [B, T, 128] from `build_context`; the schedule takes the context's dtype and
+    device, as upstream. `on_step(k, total)` runs before each DiT call and may raise to
+    cancel.
+    """
+    batch, device, dtype = context.shape[0], context.device, context.dtype
+    schedule = torch.tensor(turbo_timesteps(shift), device=device, dtype=dtype)
+    steps = len(schedule)
+    inject_steps = round(repaint.injection_ratio * steps) if repaint is not None else 0
+    x = noise
+    for k in range(steps):
+        if on_step is not None:
+            on_step(k, steps)
+        t = schedule[k].item()
+        t_batch = t * torch.ones((batch,), device=device, dtype=dtype)
+        v = model.decoder(x, t_batch, t_batch, encoder_hidden, context)
+        if k == steps - 1:
+            x = x - v * t_batch[:, None, None]  # the last step predicts x0 directly
+            break
+        t_next = schedule[k + 1].item()
+        dt = (t - t_next) * torch.ones((batch,), device=device, dtype=dtype)
+        x = x - v * dt[:, None, None]
+        if k < inject_steps:
+            x = _inject_source(x, repaint, noise, t_next)
+    if repaint is not None and repaint.crossfade_frames > 0:
+        x = _crossfade(x, repaint)
+    return x

@@ -1,0 +1,450 @@
+"""End-to-end generation: caption, lyrics and audio inputs in, a stereo waveform out.
+
+This is the only module that wires the text encoder, the ACE-Step network, the
+VAE and a device together (MODEL.md §6–§7). A request runs in three stages,
+each a method, so that the daemon's out-of-memory policy can retry one stage:
+
+    prepare  ("text")       prompts → Qwen3 → condition encoder; audio inputs → VAE
+                            latents; seed → noise
+    diffuse  ("diffusion")  the 8-step turbo sampler
+    decode   ("vae")        tiled VAE decode, anti-clipping, crop to the request
+
+`generate` runs all three.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from acestep_daemon.audio import read_audio
+from acestep_daemon.checkpoint import CheckpointPaths
+from acestep_daemon.constants import (
+    LATENT_HOP,
+    MAX_DURATION_S,
+    MIN_DURATION_S,
+    MIN_LATENT_FRAMES,
+    SAMPLE_RATE,
+)
+from acestep_daemon.errors import GenerationFailed, InvalidRequest
+from acestep_daemon.model import AceStepModel
+from acestep_daemon.model.sampler import RepaintInputs, draw_noise, sample_turbo
+from acestep_daemon.text import (
+    INSTRUCTIONS,
+    TextEncoder,
+    caption_prompt,
+    lyrics_prompt,
+    metas_for_request,
+)
+from acestep_daemon.vae import OobleckVAE
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("text2music", "repaint", "cover")
+
+ProgressFn = Callable[[str, int, int], None]
+"""(stage, step, of): called before each unit of work; may raise to cancel."""
+
+REFERENCE_FRAMES = 750
+"""Timbre reference length in latent frames (30 s), as upstream."""
+
+REFERENCE_SEGMENT_S = 10.0
+"""Upstream builds the 30 s timbre reference from three 10 s segments."""
+
+SILENT_PEAK = 1e-6
+"""A waveform whose peak stays below this is treated as failed output."""
+
+
+@dataclass
+class GenerationParams:
+    """What one request asks for; the wire contract maps onto these fields."""
+
+    caption: str
+    lyrics: str = ""
+    metas: str = ""
+    language: str = "en"
+    duration_s: float = 30.0
+    shift: float = 3.0
+    seed: int | None = None
+    bpm: int | None = None
+    key: str | None = None
+    time_signature: str | None = None
+    task: str = "text2music"
+    reference_audio: Path | None = None
+    src_audio: Path | None = None
+    repaint_start_s: float | None = None
+    repaint_end_s: float | None = None
+
+
+@dataclass
+class Audio:
+    """A generated stereo waveform and how it was made."""
+
+    samples: torch.Tensor  # [2, S] float32 on the CPU
+    sample_rate: int
+    seed: int
+    duration_s: float
+    timings: dict[str, float]
+
+
+@dataclass
+class Conditioning:
+    """Everything the diffusion and decode stages need, on the pipeline's device."""
+
+    params: GenerationParams
+    seed: int
+    duration_s: float  # length of the output audio
+    encoder_hidden: torch.Tensor  # [1, S, D]
+    context: torch.Tensor  # [1, T, 128]
+    noise: torch.Tensor  # [1, T, 64]
+    repaint: RepaintInputs | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def frames(self) -> int:
+        return self.noise.shape[1]
+
+
+def latent_frames(duration_s: float) -> int:
+    """Latent length for a duration as upstream computes it (MODEL.md §6.1)."""
+    samples = int(max(0.1, round(duration_s, 1)) * SAMPLE_RATE)
+    return max(samples // LATENT_HOP, MIN_LATENT_FRAMES)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA as upstream, fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_module(module: nn.Module, weights: Path, device: torch.device, dtype: torch.dtype):
+    """Load a meta-constructed module from safetensors straight onto `device` in `dtype`.
+
+    Tensors are converted one by one, so the peak is the model plus one tensor.
+    """
+    state = load_file(weights, device=str(device))
+    for name, tensor in state.items():
+        state[name] = tensor.to(dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Pipeline:
+    """The resident ACE-Step v1.5 turbo pipeline: load once, generate many times."""
+
+    def __init__(
+        self,
+        checkpoint: CheckpointPaths,
+        text: TextEncoder,
+        model: AceStepModel,
+        vae: OobleckVAE,
+        silence_latent: torch.Tensor,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.text = text
+        self.model = model
+        self.vae = vae
+        self.silence_latent = silence_latent  # [1, 15000, 64]
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: CheckpointPaths,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype | None = None,
+    ) -> Pipeline:
+        device = default_device() if str(device) == "auto" else torch.device(device)
+        dtype = dtype or default_dtype(device)
+        with torch.device("meta"):
+            model = AceStepModel.from_config(read_config(checkpoint.dit_dir))
+            vae = OobleckVAE.from_config(read_config(checkpoint.vae_dir))
+        model = load_module(model, checkpoint.dit_dir / "model.safetensors", device, dtype)
+        vae = load_module(
+            vae, checkpoint.vae_dir / "diffusion_pytorch_model.safetensors", device, dtype
+        )
+        text = TextEncoder.load(checkpoint.text_dir, device, dtype)
+        silence = torch.load(checkpoint.dit_dir / "silence_latent.pt", weights_only=True)
+        silence = silence.transpose(1, 2).to(device, dtype)  # [1, 64, F] -> [1, F, 64]
+        logger.info("pipeline loaded on %s (%s) from %s", device, dtype, checkpoint.root)
+        return cls(checkpoint, text, model, vae, silence, device, dtype)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> None:
+        """Move every resident weight, e.g. to the CPU after running out of GPU memory."""
+        device = torch.device(device)
+        dtype = dtype or default_dtype(device)
+        for module in (self.model, self.vae):
+            module.to(device, dtype)
+        self.text.to(device, dtype)
+        self.silence_latent = self.silence_latent.to(device, dtype)
+        self.device, self.dtype = device, dtype
+
+    def generate(
+        self,
+        params: GenerationParams,
+        *,
+        progress: ProgressFn | None = None,
+        vae_chunk_frames: int = 512,
+    ) -> Audio:
+        """text2music, repaint or cover for one request."""
+        cond = self.prepare(params, progress)
+        latents = self.diffuse(cond, progress)
+        return self.decode(cond, latents, progress, vae_chunk_frames=vae_chunk_frames)
+
+    # -- stage 1: conditioning ------------------------------------------------------
+
+    @torch.inference_mode()
+    def prepare(self, params: GenerationParams, progress: ProgressFn | None = None) -> Conditioning:
+        """Prompts, text encoder, audio inputs, condition encoder and noise ("text" stage)."""
+        _validate(params)
+        if progress:
+            progress("text", 0, 1)
+        start = time.perf_counter()
+        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+
+        repaint = None
+        if params.task == "text2music":
+            frames = latent_frames(params.duration_s)
+            duration_s = min(params.duration_s, frames * LATENT_HOP / SAMPLE_RATE)
+            src_latents = self.silence_latent[:, :frames]
+            chunk_mask = torch.ones(1, frames, device=self.device, dtype=self.dtype)
+            hints = None
+        else:
+            source, duration_s = self._source_audio(params)
+            clean = self._encode_audio(source)  # [1, T, 64]
+            frames = clean.shape[1]
+            if params.task == "repaint":
+                src_latents, chunk_mask, repaint = self._repaint_inputs(params, clean, source)
+                hints = None
+            else:
+                src_latents = clean
+                chunk_mask = torch.ones(1, frames, device=self.device, dtype=self.dtype)
+                quantized, _ = self.model.tokenize(clean, self.silence_latent)
+                hints = self.model.detokenize(quantized)[:, :frames]
+
+        metas = metas_for_request(
+            params.metas,
+            bpm=params.bpm,
+            time_signature=params.time_signature,
+            key=params.key,
+            duration_s=duration_s,
+        )
+        text_hidden, text_mask = self.text.encode_caption(
+            [caption_prompt(params.caption, metas, INSTRUCTIONS[params.task])]
+        )
+        lyric_hidden, lyric_mask = self.text.embed_lyrics(
+            [lyrics_prompt(params.lyrics, params.language)]
+        )
+        reference = self._reference_latents(params.reference_audio, seed)
+        encoder_hidden, _ = self.model.encode_condition(
+            text_hidden.to(self.dtype),
+            text_mask,
+            lyric_hidden.to(self.dtype),
+            lyric_mask,
+            reference,
+            torch.zeros(1, dtype=torch.long, device=self.device),
+        )
+        is_cover = torch.tensor([hints is not None], device=self.device)
+        context = self.model.build_context(src_latents, chunk_mask, hints, is_cover)
+        noise = draw_noise([seed], frames, src_latents.shape[-1], self.device, self.dtype)
+        _synchronize(self.device)
+        return Conditioning(
+            params=params,
+            seed=seed,
+            duration_s=duration_s,
+            encoder_hidden=encoder_hidden,
+            context=context,
+            noise=noise,
+            repaint=repaint,
+            timings={"text": time.perf_counter() - start},
+        )
+
+    def _source_audio(self, params: GenerationParams) -> tuple[torch.Tensor, float]:
+        """The source of repaint/cover as [2, S] on the device, padded for outpainting."""
+        source = read_audio(params.src_audio, SAMPLE_RATE)  # [2, S]
+        if params.task == "repaint":
+            start = params.repaint_start_s or 0.0
+            end = params.repaint_end_s
+            length_s = source.shape[1] / SAMPLE_RATE
+            left = max(0, round(-start * SAMPLE_RATE))
+            right = max(0, round((end - length_s) * SAMPLE_RATE)) if end is not None else 0
+            source = torch.nn.functional.pad(source, (left, right))
+        duration_s = source.shape[1] / SAMPLE_RATE
+        if duration_s > MAX_DURATION_S:
+            raise InvalidRequest(
+                f"source audio is {duration_s:.1f} s long; at most {MAX_DURATION_S:.0f} s"
+            )
+        return source.to(self.device), duration_s
+
+    def _encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """Waveform [2, S] → latents [1, T, 64] (T ≥ 128, silence-padded), VAE mean."""
+        mean = self.vae.tiled_encode(audio[None].to(self.dtype))  # [1, 64, T]
+        latents = mean.transpose(1, 2).to(self.dtype)  # [1, T, 64]
+        frames = latents.shape[1]
+        if frames < MIN_LATENT_FRAMES:
+            pad = self.silence_latent[:, frames:MIN_LATENT_FRAMES]
+            latents = torch.cat([latents, pad], dim=1)
+        return latents
+
+    def _repaint_inputs(
+        self, params: GenerationParams, clean: torch.Tensor, source: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, RepaintInputs]:
+        """Source latents with a silenced hole, the chunk mask and the injection inputs (§7.1)."""
+        frames = clean.shape[1]
+        start_s = max(params.repaint_start_s or 0.0, 0.0)
+        end_s = params.repaint_end_s
+        if end_s is None or end_s < 0:
+            end_s = source.shape[1] / SAMPLE_RATE
+        # Coordinates move with the left padding of outpainting.
+        shift_s = max(0.0, -(params.repaint_start_s or 0.0))
+        start_f = min(max(int((start_s + shift_s) * SAMPLE_RATE // LATENT_HOP), 0), frames - 1)
+        end_f = min(max(int((end_s + shift_s) * SAMPLE_RATE // LATENT_HOP), start_f + 1), frames)
+        inside = torch.zeros(1, frames, dtype=torch.bool, device=self.device)
+        inside[:, start_f:end_f] = True
+        src_latents = torch.where(inside[..., None], self.silence_latent[:, :frames], clean)
+        return src_latents, inside.to(self.dtype), RepaintInputs(mask=inside, clean_latents=clean)
+
+    def _reference_latents(self, path: Path | None, seed: int) -> torch.Tensor:
+        """Timbre reference [1, 750, 64]: silence without a reference (MODEL.md §7.3).
+
+        Upstream picks one random 10 s segment from each third of the (tiled) clip;
+        we pick them with a generator seeded by the request seed, so a seed
+        reproduces the whole request.
+        """
+        if path is None:
+            return self.silence_latent[:, :REFERENCE_FRAMES]
+        audio = read_audio(path, SAMPLE_RATE)  # [2, S]
+        if audio.abs().max() < SILENT_PEAK:
+            return self.silence_latent[:, :REFERENCE_FRAMES]
+        segment = int(REFERENCE_SEGMENT_S * SAMPLE_RATE)
+        target = 3 * segment
+        if audio.shape[1] < target:
+            audio = audio.repeat(1, math.ceil(target / audio.shape[1]))
+        third = audio.shape[1] // 3
+        rng = random.Random(seed)
+        pieces = []
+        for i in range(3):
+            offset = i * third + rng.randint(0, max(third - segment, 0))
+            pieces.append(audio[:, offset : offset + segment])
+        clip = torch.cat(pieces, dim=1).to(self.device, self.dtype)  # [2, 1_440_000]
+        mean = self.vae.tiled_encode(clip[None])  # [1, 64, 750]
+        return mean.transpose(1, 2).to(self.dtype)[:, :REFERENCE_FRAMES]
+
+    # -- stage 2: diffusion -----------------------------------------------------------
+
+    @torch.inference_mode()
+    def diffuse(self, cond: Conditioning, progress: ProgressFn | None = None) -> torch.Tensor:
+        """Run the 8-step turbo sampler; returns latents [1, T, 64] ("diffusion" stage)."""
+        start = time.perf_counter()
+
+        def on_step(step: int, total: int) -> None:
+            if progress:
+                progress("diffusion", step, total)
+
+        latents = sample_turbo(
+            self.model,
+            cond.noise,
+            cond.encoder_hidden,
+            cond.context,
+            cond.params.shift,
+            repaint=cond.repaint,
+            on_step=on_step,
+        )
+        _synchronize(self.device)
+        cond.timings["diffusion"] = time.perf_counter() - start
+        return latents
+
+    # -- stage 3: decode --------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        cond: Conditioning,
+        latents: torch.Tensor,
+        progress: ProgressFn | None = None,
+        *,
+        vae_chunk_frames: int = 512,
+    ) -> Audio:
+        """Tiled VAE decode, checks, anti-clipping and crop ("vae" stage)."""
+        start = time.perf_counter()
+        vae_param = next(self.vae.parameters())
+        latents = latents.transpose(1, 2).to(vae_param.device, vae_param.dtype)  # [1, 64, T]
+
+        def on_chunk(index: int, total: int) -> None:
+            if progress:
+                progress("vae", index, total)
+
+        waveform = self.vae.tiled_decode(
+            latents,
+            chunk_frames=vae_chunk_frames,
+            overlap_frames=min(64, vae_chunk_frames // 4),
+            on_chunk=on_chunk,
+        )
+        waveform = waveform[0].float().cpu()  # [2, T * 1920]
+        if not torch.isfinite(waveform).all():
+            raise GenerationFailed("the model produced NaN or Inf samples")
+        peak = waveform.abs().max().item()
+        if peak < SILENT_PEAK:
+            raise GenerationFailed("the model produced silence")
+        if peak > 1.0:
+            waveform = waveform / peak
+        samples = min(waveform.shape[1], round(cond.duration_s * SAMPLE_RATE))
+        cond.timings["vae"] = time.perf_counter() - start
+        return Audio(
+            samples=waveform[:, :samples].contiguous(),
+            sample_rate=SAMPLE_RATE,
+            seed=cond.seed,
+            duration_s=samples / SAMPLE_RATE,
+            timings=dict(cond.timings),
+        )
+
+
+def _validate(params: GenerationParams) -> None:
+    """Reject what the model cannot do, with a message a caller can act on."""
+    if not params.caption.strip():
+        raise InvalidRequest("caption must not be empty")
+    if params.task not in TASKS:
+        raise InvalidRequest(f"task must be one of {', '.join(TASKS)}, not {params.task!r}")
+    if not MIN_DURATION_S <= params.duration_s <= MAX_DURATION_S:
+        raise InvalidRequest(
+            f"duration_s must be between {MIN_DURATION_S:g} and {MAX_DURATION_S:g} seconds"
+        )
+    if not math.isfinite(params.shift) or params.shift <= 0:
+        raise InvalidRequest("shift must be a positive number (1, 2 or 3)")
+    if params.task != "text2music" and params.src_audio is None:
+        raise InvalidRequest(f"task {params.task!r} needs src_audio")
+    if params.task == "text2music" and params.src_audio is not None:
+        raise InvalidRequest("src_audio is only used by the repaint and cover tasks")
+    start, end = params.repaint_start_s, params.repaint_end_s
+    if params.task == "repaint" and start is not None and end is not None and 0 <= end <= start:
+        raise InvalidRequest("repaint_end_s must be after repaint_start_s")
+    for name in ("src_audio", "reference_audio"):
+        path = getattr(params, name)
+        if path is not None and not Path(path).is_file():
+            raise InvalidRequest(f"{name} {path} is not a readable file")

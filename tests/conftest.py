@@ -1,0 +1,26 @@
+"""Shared fixtures: the tiny random checkpoint (written once per test session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Only the tiny `Qwen3-Embedding-0.6B/` folder (tokenizer + tiny Qwen3)."""
+    from acestep_daemon.tiny_text import write_tiny_text_encoder
+
+    folder = tmp_path_factory.mktemp("tiny-text") / "Qwen3-Embedding-0.6B"
+    write_tiny_text_encoder(folder, torch.Generator().manual_seed(0))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a complete tiny checkpoint (seed 0); treat it as read-only."""
+    from acestep_daemon.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))

@@ -1,0 +1,190 @@
+"""The tiny random checkpoint has the real on-disk layout and loads through the real code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, Qwen2TokenizerFast
+
+from acestep_daemon.checkpoint import REQUIRED_FILES, CheckpointPaths, resolve_checkpoint
+from acestep_daemon.model import AceStepModel, draw_noise, sample_turbo
+from acestep_daemon.text import TextEncoder, caption_prompt, lyrics_prompt, render_metas
+from acestep_daemon.tiny import make_tiny_checkpoint
+from acestep_daemon.vae import OobleckVAE
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+WEIGHT_FILES = {
+    "acestep-v15-turbo": ("acestep-v15-turbo/model.safetensors", "acestep-v15-turbo"),
+    "vae": ("vae/diffusion_pytorch_model.safetensors", "vae"),
+    "Qwen3-Embedding-0.6B": ("Qwen3-Embedding-0.6B/model.safetensors", "Qwen3-Embedding-0.6B"),
+}
+
+
+def manifest(name: str) -> dict:
+    return json.loads((FIXTURES / f"{name}.keys.json").read_text())
+
+
+def config(root: Path, folder: str) -> dict:
+    return json.loads((root / folder / "config.json").read_text())
+
+
+def load_dit(root: Path) -> AceStepModel:
+    with torch.device("meta"):
+        model = AceStepModel.from_config(config(root, "acestep-v15-turbo"))
+    weights = load_file(root / "acestep-v15-turbo" / "model.safetensors")
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval()
+
+
+def load_vae(root: Path) -> OobleckVAE:
+    with torch.device("meta"):
+        vae = OobleckVAE.from_config(config(root, "vae"))
+    weights = load_file(root / "vae" / "diffusion_pytorch_model.safetensors")
+    vae.load_state_dict(weights, strict=True, assign=True)
+    return vae.eval()
+
+
+def test_tiny_checkpoint_passes_checkpoint_verification(tiny_checkpoint: Path) -> None:
+    assert resolve_checkpoint(tiny_checkpoint) == CheckpointPaths(tiny_checkpoint)
+    for name in TOKENIZER_FILES:
+        assert (tiny_checkpoint / "Qwen3-Embedding-0.6B" / name).is_file()
+    assert sorted(p.name for p in tiny_checkpoint.iterdir()) == sorted(REQUIRED_FILES)
+
+
+@pytest.mark.parametrize("folder", sorted(WEIGHT_FILES))
+def test_tensor_names_equal_the_real_checkpoint_with_tiny_shapes(
+    tiny_checkpoint: Path, folder: str
+) -> None:
+    path, manifest_name = WEIGHT_FILES[folder]
+    tiny = load_file(tiny_checkpoint / path)
+    real = manifest(manifest_name)["keys"]
+    assert set(tiny) == set(real)
+    for name, tensor in tiny.items():
+        assert tensor.dtype == torch.float32
+        assert tensor.dim() == len(real[name]["shape"])
+        assert tensor.numel() <= torch.Size(real[name]["shape"]).numel()
+        assert torch.isfinite(tensor).all()
+    assert sum(t.numel() for t in tiny.values()) < 5_000_000
+
+
+@pytest.mark.parametrize("folder", ["acestep-v15-turbo", "vae", "Qwen3-Embedding-0.6B"])
+def test_configs_carry_every_real_field(tiny_checkpoint: Path, folder: str) -> None:
+    assert set(manifest(folder)["config"]) <= set(config(tiny_checkpoint, folder))
+
+
+def test_configs_keep_the_fixed_audio_geometry(tiny_checkpoint: Path) -> None:
+    dit = config(tiny_checkpoint, "acestep-v15-turbo")
+    assert dit["in_channels"] == 192 and dit["audio_acoustic_hidden_dim"] == 64
+    assert dit["pool_window_size"] == 5 and dit["patch_size"] == 2
+    assert dit["sliding_window"] == 8
+    assert dit["layer_types"] == ["sliding_attention", "full_attention"] * 12
+    assert dit["text_hidden_dim"] == config(tiny_checkpoint, "Qwen3-Embedding-0.6B")["hidden_size"]
+    vae = config(tiny_checkpoint, "vae")
+    assert vae["_class_name"] == "AutoencoderOobleck"
+    assert vae["downsampling_ratios"] == [2, 4, 4, 6, 10]
+    assert vae["decoder_input_channels"] == 64 and vae["encoder_hidden_size"] == 128
+    assert vae["audio_channels"] == 2 and vae["sampling_rate"] == 48000
+
+
+def test_silence_latent_is_in_the_official_format(tiny_checkpoint: Path) -> None:
+    silence = torch.load(
+        tiny_checkpoint / "acestep-v15-turbo" / "silence_latent.pt", weights_only=True
+    )
+    assert silence.dtype == torch.float32 and silence.shape == (1, 64, 15000)
+    constant = silence[0, :, 4]
+    assert torch.equal(silence[0, :, 4:], constant[:, None].expand(-1, 14996))
+    for frame in range(4):
+        assert not torch.equal(silence[0, :, frame], constant)
+    assert constant.abs().min() > 0
+
+
+def test_tokenizer_loads_with_autotokenizer_and_fits_the_vocabulary(
+    tiny_checkpoint: Path,
+) -> None:
+    text_dir = tiny_checkpoint / "Qwen3-Embedding-0.6B"
+    tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
+    assert isinstance(tokenizer, Qwen2TokenizerFast)
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
+    assert len(tokenizer) <= config(tiny_checkpoint, "Qwen3-Embedding-0.6B")["vocab_size"]
+    post = json.loads((text_dir / "tokenizer.json").read_text())["post_processor"]
+    assert post["type"] == "TemplateProcessing"
+    assert [next(iter(p.values()))["id"] for p in post["single"]] == ["A", "<|endoftext|>"]
+    ids = tokenizer("héllo wörld ♪ 漢字")["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "héllo wörld ♪ 漢字"
+
+
+def test_models_load_the_tiny_weights_strictly(tiny_checkpoint: Path) -> None:
+    dit = load_dit(tiny_checkpoint)
+    vae = load_vae(tiny_checkpoint)
+    assert not any(p.is_meta for p in [*dit.parameters(), *vae.parameters()])
+    text = TextEncoder.load(tiny_checkpoint / "Qwen3-Embedding-0.6B", "cpu", torch.float32)
+    assert text.model.config.num_hidden_layers == 28
+
+
+def test_tiny_checkpoint_makes_finite_audible_audio(tiny_checkpoint: Path) -> None:
+    dit, vae = load_dit(tiny_checkpoint), load_vae(tiny_checkpoint)
+    text = TextEncoder.load(tiny_checkpoint / "Qwen3-Embedding-0.6B", "cpu", torch.float32)
+    silence = torch.load(tiny_checkpoint / "acestep-v15-turbo" / "silence_latent.pt")
+    silence = silence.transpose(1, 2)  # [1, 15000, 64]
+    frames = 128
+    with torch.inference_mode():
+        caption, caption_mask = text.encode_caption(
+            [caption_prompt("jazz piano", render_metas(120, "4", "C major", 5))]
+        )
+        lyrics, lyric_mask = text.embed_lyrics([lyrics_prompt("[verse]\nHello", "en")])
+        condition, _ = dit.encode_condition(
+            caption, caption_mask, lyrics, lyric_mask, silence[:, :750], torch.tensor([0])
+        )
+        context = dit.build_context(silence[:, :frames], torch.ones(1, frames))
+        noise = draw_noise([7], frames, 64, "cpu", torch.float32)
+        latents = sample_turbo(dit, noise, condition, context, 3.0)  # [1, T, 64]
+        audio = vae.decode(latents.transpose(1, 2))  # [1, 2, T·1920]
+        mean, _ = vae.encode(audio[..., : 2 * 1920].clamp(-1, 1))
+    assert torch.isfinite(latents).all() and 0.1 < latents.std() < 10
+    assert audio.shape == (1, 2, frames * 1920)
+    assert torch.isfinite(audio).all() and audio.std() > 1e-3
+    assert 0.05 < audio.abs().max() < 5
+    assert mean.shape == (1, 64, 2) and 0.05 < mean.std() < 20
+
+
+def test_same_seed_writes_identical_files_in_seconds(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    first = make_tiny_checkpoint(tmp_path / "a", seed=3)
+    elapsed = time.perf_counter() - started
+    second = make_tiny_checkpoint(tmp_path / "b", seed=3)
+    other = make_tiny_checkpoint(tmp_path / "c", seed=4)
+    assert elapsed < 10
+    for folder, names in REQUIRED_FILES.items():
+        for name in names:
+            assert (first / folder / name).read_bytes() == (second / folder / name).read_bytes()
+    weights = "acestep-v15-turbo/model.safetensors"
+    assert (first / weights).read_bytes() != (other / weights).read_bytes()
+
+
+def test_script_writes_a_verified_checkpoint(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_checkpoint.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "tiny"), "--seed", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == tmp_path / "tiny"
+    assert CheckpointPaths(tmp_path / "tiny").missing_files() == []
