@@ -295,11 +295,11 @@ class Server:
         pid, uid, gid = _UCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         )
-        if uid not in self.allow_uids and gid not in self.allow_gids:
-            logger.warning("refused connection from pid %d uid %d gid %d", pid, uid, gid)
-            return protocol.error_answer(f"uid {uid} may not use this daemon", "invalid_request")
         try:
             line = await self._read_line(reader)
+            if uid not in self.allow_uids and gid not in self.allow_gids:
+                logger.warning("refused a request from pid %d uid %d gid %d", pid, uid, gid)
+                raise protocol.ProtocolError(f"uid {uid} may not use this daemon")
             request = protocol.parse_request(line)
         except protocol.ProtocolError as error:
             logger.info("request rejected: %s", error)

@@ -6,16 +6,12 @@ read answer lines until the daemon closes.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import functools
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,16 +20,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@functools.cache
-def tiny_checkpoint() -> Path:
-    """One tiny random checkpoint for the whole session."""
-    from acestep_daemon.tiny import make_tiny_checkpoint
-
-    root = Path(tempfile.mkdtemp(prefix="acestep-test-tiny-"))
-    atexit.register(shutil.rmtree, root, True)
-    return make_tiny_checkpoint(root / "checkpoint")
 
 
 def daemon_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -113,12 +99,10 @@ class Daemon:
 
 
 def spawn(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
-    """Start a daemon on `tmp/d.sock` serving the session's tiny checkpoint."""
+    """Start `acestep serve --socket tmp/d.sock *args` (args name the model)."""
     sock = tmp / "d.sock"
     log = tmp / f"daemon-{time.monotonic_ns()}.log"
     command = [sys.executable, "-m", "acestep_daemon", "serve", "--socket", str(sock)]
-    if "--model" not in args and "--model-dir" not in args:
-        command += ["--model-dir", str(tiny_checkpoint())]
     with log.open("wb") as err:
         proc = subprocess.Popen(
             [*command, *args],

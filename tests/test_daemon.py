@@ -20,8 +20,9 @@ DURATION_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory):
-    with running(tmp_path_factory.mktemp("daemon"), "--queue-limit", "4") as d:
+def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
+    tmp = tmp_path_factory.mktemp("daemon")
+    with running(tmp, "--model-dir", str(tiny_checkpoint), "--queue-limit", "4") as d:
         yield d
 
 
@@ -141,7 +142,7 @@ def test_fifty_concurrent_clients_get_one_answer_each(daemon: Daemon, tmp_path: 
 
 def test_hangup_while_queued_cancels_job_before_it_runs(daemon: Daemon, tmp_path: Path):
     before = daemon.status()
-    long_request = {"caption": "long", "duration_s": 600, "progress": True}
+    long_request = {"caption": "long", "duration_s": 60, "progress": True}
     long_request["output"] = str(tmp_path / "long.wav")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as running_client:
         running_client.connect(str(daemon.socket))

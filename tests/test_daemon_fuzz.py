@@ -52,8 +52,9 @@ bad_paths = st.sampled_from(
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory):
-    with running(tmp_path_factory.mktemp("fuzz"), "--read-timeout", "2") as d:
+def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    with running(tmp, "--model-dir", str(tiny_checkpoint), "--read-timeout", "2") as d:
         yield d
 
 

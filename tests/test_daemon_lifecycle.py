@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import REPO, Daemon, ask, daemon_env, running, spawn, tiny_checkpoint
+from tests.daemon_harness import REPO, Daemon, ask, daemon_env, running, spawn
 
 
 def test_sigterm_lets_the_running_job_finish_and_refuses_the_queue(tmp_path: Path):
@@ -27,7 +27,7 @@ def test_sigterm_lets_the_running_job_finish_and_refuses_the_queue(tmp_path: Pat
     long_output = tmp_path / "long.wav"
     long_request = {
         "caption": "long",
-        "duration_s": 600,
+        "duration_s": 60,
         "progress": True,
         "output": str(long_output),
     }
@@ -61,20 +61,21 @@ def test_sigterm_lets_the_running_job_finish_and_refuses_the_queue(tmp_path: Pat
     assert not daemon.socket.exists()
 
 
-def test_second_daemon_on_a_live_socket_refuses(tmp_path: Path):
-    with running(tmp_path) as first:
-        second = spawn(tmp_path)
+def test_second_daemon_on_a_live_socket_refuses(tmp_path: Path, tiny_checkpoint: Path):
+    model = ("--model-dir", str(tiny_checkpoint))
+    with running(tmp_path, *model) as first:
+        second = spawn(tmp_path, *model)
         assert second.proc.wait(60) != 0
         assert "already listening" in second.stderr()
         assert first.ask({"command": "ping"})["ok"]
         assert first.socket.exists()
 
 
-def test_stale_socket_is_replaced_and_mode_is_0600(tmp_path: Path):
+def test_stale_socket_is_replaced_and_mode_is_0600(tmp_path: Path, tiny_checkpoint: Path):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(tmp_path / "d.sock"))
     stale.close()  # the file stays, nobody listens
-    with running(tmp_path) as daemon:
+    with running(tmp_path, "--model-dir", str(tiny_checkpoint)) as daemon:
         assert daemon.ask({"command": "ping"})["ok"]
         assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
 
@@ -93,6 +94,8 @@ def _ping_as(uid: int, path: Path) -> dict:
                 sock.sendall(b'{"command": "ping"}\n')
                 sock.shutdown(socket.SHUT_WR)
                 os.write(write_end, sock.recv(4096))
+        except BaseException as error:
+            os.write(write_end, repr(error).encode())
         finally:
             os._exit(0)
     os.close(write_end)
@@ -102,12 +105,13 @@ def _ping_as(uid: int, path: Path) -> dict:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
-def test_peer_of_another_uid_is_refused_unless_allowed():
+def test_peer_of_another_uid_is_refused_unless_allowed(tiny_checkpoint: Path):
     public = Path(tempfile.mkdtemp(prefix="acestep-peer-"))
     public.chmod(0o755)
     try:
         for extra, allowed in (((), False), (("--allow-uid", "65534"), True)):
-            with running(public, "--socket-mode", "0666", *extra) as daemon:
+            args = ("--model-dir", str(tiny_checkpoint), "--socket-mode", "0666", *extra)
+            with running(public, *args) as daemon:
                 assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o666
                 answer = _ping_as(65534, daemon.socket)
                 assert answer["ok"] is allowed, answer
@@ -116,9 +120,9 @@ def test_peer_of_another_uid_is_refused_unless_allowed():
         shutil.rmtree(public, ignore_errors=True)
 
 
-def test_failed_reload_makes_the_daemon_exit_nonzero(tmp_path: Path):
+def test_failed_reload_makes_the_daemon_exit_nonzero(tmp_path: Path, tiny_checkpoint: Path):
     model = tmp_path / "model"
-    shutil.copytree(tiny_checkpoint(), model)
+    shutil.copytree(tiny_checkpoint, model)
     daemon = spawn(tmp_path, "--model-dir", str(model))
     daemon.wait_ready()
     daemon.ask({"command": "unload"})
@@ -143,12 +147,12 @@ def _wait_for(sock: socket.socket, wanted: str) -> list[str]:
     return seen
 
 
-def test_socket_activation_and_sd_notify(tmp_path: Path):
+def test_socket_activation_and_sd_notify(tmp_path: Path, tiny_checkpoint: Path):
     """systemd-socket-activate (or the same fd hand-over) starts us on the first connection."""
     sock_path = tmp_path / "activated.sock"
     notify = _notify_socket(tmp_path / "notify")
     env = daemon_env(tmp_path, NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="400000")
-    serve = [sys.executable, "-m", "acestep_daemon", "serve", "--model-dir", str(tiny_checkpoint())]
+    serve = [sys.executable, "-m", "acestep_daemon", "serve", "--model-dir", str(tiny_checkpoint)]
     if launcher := shutil.which("systemd-socket-activate"):
         passed = ["-E" + name for name in env]
         command = [launcher, "-l", str(sock_path), *passed, *serve]

@@ -12,9 +12,9 @@ from pathlib import Path
 from tests.daemon_harness import daemon_env, running
 
 
-def test_vae_oom_is_retried_with_half_the_chunk(tmp_path: Path):
+def test_vae_oom_is_retried_with_half_the_chunk(tmp_path: Path, tiny_checkpoint: Path):
     env = daemon_env(tmp_path, ACESTEP_INJECT_OOM="vae:1")
-    with running(tmp_path, env=env) as daemon:
+    with running(tmp_path, "--model-dir", str(tiny_checkpoint), env=env) as daemon:
         answer = daemon.ask({"caption": "x", "duration_s": 1, "output": str(tmp_path / "a.wav")})
         assert answer["ok"] is True, answer
         assert answer["oom_retries"] == 1
@@ -27,9 +27,10 @@ def test_vae_oom_is_retried_with_half_the_chunk(tmp_path: Path):
         assert again["ok"] and again["oom_retries"] == 0 and again["vae_chunk_frames"] == 512
 
 
-def test_diffusion_oom_falls_back_to_cpu_and_returns_home(tmp_path: Path):
+def test_diffusion_oom_falls_back_to_cpu_and_returns_home(tmp_path: Path, tiny_checkpoint: Path):
     env = daemon_env(tmp_path, ACESTEP_INJECT_OOM="diffusion:99")
-    with running(tmp_path, "--device", "cpu", "--dtype", "bfloat16", env=env) as daemon:
+    home = ("--device", "cpu", "--dtype", "bfloat16")
+    with running(tmp_path, "--model-dir", str(tiny_checkpoint), *home, env=env) as daemon:
         assert daemon.status()["dtype"] == "bfloat16"
         for n in (1, 2):
             output = tmp_path / f"{n}.wav"
