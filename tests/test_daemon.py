@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from tests.daemon_harness import Daemon, ask, running
+from tests.daemon_harness import REPO, Daemon, ask, running
 
 DURATION_S = 1.0
 
@@ -169,3 +170,32 @@ def test_hangup_while_queued_cancels_job_before_it_runs(daemon: Daemon, tmp_path
     assert after["cancelled"] == before["cancelled"] + 1
     assert not hung_up.exists()
     assert daemon.ask({"command": "ping"})["ok"]
+
+
+def acestep(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "acestep_daemon", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_acestep_request_prints_the_answer(daemon: Daemon, tmp_path: Path):
+    output = tmp_path / "client.wav"
+    sock = ("--socket", str(daemon.socket))
+    flags = ("--duration", "1", "--seed", "3", "--output", str(output))
+    result = acestep("request", "cli piano", *flags, *sock)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["ok"] and answer["path"] == str(output) and answer["seed"] == 3
+    assert_complete_audio(output, 1.0)
+    status = acestep("request", "--command", "status", *sock)
+    assert status.returncode == 0 and json.loads(status.stdout)["loaded"] is True
+    progress = acestep("request", "p", "--duration", "1", "--progress", *sock)
+    lines = [json.loads(line) for line in progress.stdout.splitlines()]
+    assert "progress" in lines[0] and lines[-1]["ok"] is True
+    refused = acestep("request", "--json", '{"caption": "x", "output": "relative.wav"}', *sock)
+    assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == "invalid_request"

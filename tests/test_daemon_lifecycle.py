@@ -201,3 +201,17 @@ def test_socket_activation_and_sd_notify(tmp_path: Path, tiny_checkpoint: Path):
         notify.close()
         if listener:
             listener.close()
+
+
+def test_idle_unload_frees_the_pipeline_and_the_next_request_reloads(
+    tmp_path: Path, tiny_checkpoint: Path
+):
+    args = ("--model-dir", str(tiny_checkpoint), "--idle-unload", "1")
+    with running(tmp_path, *args) as daemon:
+        deadline = time.monotonic() + 30
+        while daemon.status()["loaded"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        answer = daemon.ask({"caption": "after idle", "duration_s": 1})
+        assert answer["ok"], answer
+        assert daemon.status()["loads"] == 2
