@@ -387,38 +387,47 @@ class GenerationManager:
         pipeline = self._ensure_loaded()
         if (pipeline.device, pipeline.dtype) != self._home or not self._plan(job, pipeline):
             return self._on_cpu(job, pipeline)
+        audio = self._at_home(job, pipeline)
+        if audio is None:
+            _free_memory()
+            return self._on_cpu(job, pipeline)
+        return audio, pipeline.device, pipeline.dtype
+
+    def _at_home(self, job: Job, pipeline: Pipeline) -> Audio | None:
+        """The three stages with their retries; None when memory ran out anyway.
+
+        Retries start outside the `except` blocks, so that the failed attempt's
+        traceback (and the tensors its frames hold) is gone before trying again.
+        """
         progress = self._progress(job, inject=True)
         try:
             cond = self._retry(job, lambda: pipeline.prepare(job.params, progress))
             latents = self._retry(job, lambda: pipeline.diffuse(cond, progress))
             while True:
                 try:
-                    audio = pipeline.decode(cond, latents, progress, vae_chunk_frames=job.chunk)
-                    break
+                    return pipeline.decode(cond, latents, progress, vae_chunk_frames=job.chunk)
                 except torch.OutOfMemoryError:
-                    _free_memory()
-                    job.retries += 1
-                    self.counters.oom_retries += 1
                     if job.chunk // 2 < VAE_CHUNK_FLOOR:
                         raise
-                    job.chunk //= 2
-                    logger.warning("out of memory in the VAE; retrying with %d frames", job.chunk)
+                job.chunk //= 2
+                self._count_retry(job, f"the VAE, retrying with {job.chunk}-frame chunks")
         except torch.OutOfMemoryError:
-            cond = latents = None
-            _free_memory()
-            return self._on_cpu(job, pipeline)
-        return audio, pipeline.device, pipeline.dtype
+            return None
 
     def _retry(self, job: Job, stage: Callable[[], T]) -> T:
         """Run a stage; after running out of memory, free the cache and try once more."""
         try:
             return stage()
         except torch.OutOfMemoryError:
-            _free_memory()
-            job.retries += 1
-            self.counters.oom_retries += 1
-            logger.warning("out of memory; retrying the stage once")
-            return stage()
+            pass
+        self._count_retry(job, "a stage, retrying it once")
+        return stage()
+
+    def _count_retry(self, job: Job, what: str) -> None:
+        _free_memory()
+        job.retries += 1
+        self.counters.oom_retries += 1
+        logger.warning("out of memory in %s", what)
 
     def _on_cpu(self, job: Job, pipeline: Pipeline) -> tuple[Audio, torch.device, torch.dtype]:
         """Run this request on the CPU in float32, then move the pipeline back home."""

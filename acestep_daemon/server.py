@@ -232,6 +232,7 @@ class Server:
                 logger.info("ready: pipeline on %s (%s)", where["device"], where["dtype"])
             await self._stop.wait()
         finally:
+            loaded.cancel()  # a load still running reports into the void
             sdnotify.notify("STOPPING=1")
             watchdog.cancel()
             server.close()

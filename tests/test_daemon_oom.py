@@ -12,17 +12,17 @@ from pathlib import Path
 from tests.daemon_harness import daemon_env, running
 
 
-def test_vae_oom_is_retried_with_half_the_chunk(tmp_path: Path, tiny_checkpoint: Path):
-    env = daemon_env(tmp_path, ACESTEP_INJECT_OOM="vae:1")
+def test_text_and_vae_oom_are_retried_at_home(tmp_path: Path, tiny_checkpoint: Path):
+    env = daemon_env(tmp_path, ACESTEP_INJECT_OOM="text:1,vae:1")
     with running(tmp_path, "--model-dir", str(tiny_checkpoint), env=env) as daemon:
         answer = daemon.ask({"caption": "x", "duration_s": 1, "output": str(tmp_path / "a.wav")})
         assert answer["ok"] is True, answer
-        assert answer["oom_retries"] == 1
-        assert answer["vae_chunk_frames"] == 256
-        assert answer["fallback"] is None
+        assert answer["oom_retries"] == 2  # the text stage once, the VAE once
+        assert answer["vae_chunk_frames"] == 256  # the VAE retry used half the chunk
+        assert answer["fallback"] is None and answer["device"] == "cpu"
         assert Path(answer["path"]).is_file()
         status = daemon.status()
-        assert (status["oom_retries"], status["cpu_fallbacks"]) == (1, 0)
+        assert (status["oom_retries"], status["cpu_fallbacks"]) == (2, 0)
         again = daemon.ask({"caption": "x", "duration_s": 1})
         assert again["ok"] and again["oom_retries"] == 0 and again["vae_chunk_frames"] == 512
 
