@@ -39,6 +39,8 @@ def notify(message: str) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never block the event loop on a receiver that does not read.
+            sock.setblocking(False)
             sock.sendto(message.encode(), address)
     except OSError as error:
         logger.warning("sd_notify %r failed: %s", message, error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -133,24 +134,43 @@ def test_failed_reload_makes_the_daemon_exit_nonzero(tmp_path: Path, tiny_checkp
     assert not daemon.socket.exists()
 
 
-def _notify_socket(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(120)
-    return sock
+class NotifyListener:
+    """A test NOTIFY_SOCKET: datagrams are read only after `start_reading`."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.lines: list[str] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
 
-def _wait_for(sock: socket.socket, wanted: str) -> list[str]:
-    seen = []
-    while wanted not in seen:
-        seen += sock.recv(4096).decode().splitlines()
-    return seen
+    def start_reading(self) -> None:
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                self.lines += self.sock.recv(4096).decode().splitlines()
+
+    def wait_for(self, wanted: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while wanted not in self.lines:
+            assert time.monotonic() < deadline, (wanted, self.lines)
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.sock.close()
 
 
 def test_socket_activation_and_sd_notify(tmp_path: Path, tiny_checkpoint: Path):
     """systemd-socket-activate (or the same fd hand-over) starts us on the first connection."""
     sock_path = tmp_path / "activated.sock"
-    notify = _notify_socket(tmp_path / "notify")
+    notify = NotifyListener(tmp_path / "notify")
     env = daemon_env(tmp_path, NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="400000")
     serve = [sys.executable, "-m", "acestep_daemon", "serve", "--model-dir", str(tiny_checkpoint)]
     if launcher := shutil.which("systemd-socket-activate"):
@@ -181,23 +201,26 @@ def test_socket_activation_and_sd_notify(tmp_path: Path, tiny_checkpoint: Path):
         while not sock_path.exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        try:
-            assert daemon.ask({"command": "ping"}, timeout=120)["ok"]
-        except OSError:
-            raise AssertionError(daemon.stderr()) from None
-        seen = _wait_for(notify, "READY=1")
+        assert daemon.ask({"command": "ping"}, timeout=120)["ok"]
+        daemon.wait_ready()
+        # Nobody reads the notify socket yet: its queue fills up with WATCHDOG=1
+        # datagrams, and the daemon must go on serving regardless.
+        time.sleep(3)
         answer = daemon.ask({"caption": "activated", "duration_s": 1})
         assert answer["ok"], answer
-        _wait_for(notify, "WATCHDOG=1")
+        notify.start_reading()
+        notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1")
         proc.send_signal(signal.SIGTERM)
-        seen += _wait_for(notify, "STOPPING=1")
+        notify.wait_for("STOPPING=1")
         assert proc.wait(60) == 0, daemon.stderr()
-        assert any(line.startswith("STATUS=") for line in seen)
+        assert any(line.startswith("STATUS=") for line in notify.lines)
         assert "socket activation" in daemon.stderr()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        print(daemon.stderr())  # shown when the test fails
         notify.close()
         if listener:
             listener.close()
