@@ -42,6 +42,9 @@ def notify(message: str) -> bool:
             # Never block the event loop on a receiver that does not read.
             sock.setblocking(False)
             sock.sendto(message.encode(), address)
+    except BlockingIOError:
+        logger.debug("sd_notify %r dropped: the receiver's queue is full", message)
+        return False
     except OSError as error:
         logger.warning("sd_notify %r failed: %s", message, error)
         return False
