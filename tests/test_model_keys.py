@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from acestep_daemon.model import AceStepConfig, AceStepModel
@@ -33,3 +34,29 @@ def test_model_owns_no_buffers_so_meta_construction_loads_with_assign() -> None:
 def test_config_ignores_unknown_keys_and_defaults_to_alternating_windows() -> None:
     config = AceStepConfig.from_dict({"num_hidden_layers": 4, "auto_map": {}, "is_turbo": True})
     assert [config.is_sliding(i) for i in range(4)] == [True, False, True, False]
+
+
+@pytest.mark.parametrize(
+    "change", [{"hidden_act": "gelu"}, {"rope_scaling": {"rope_type": "yarn"}}]
+)
+def test_config_rejects_variants_the_port_does_not_implement(change: dict) -> None:
+    with pytest.raises(ValueError):
+        AceStepConfig.from_dict(change)
+
+
+def test_full_size_stages_produce_the_documented_shapes_on_the_meta_device() -> None:
+    def empty(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, dtype=torch.bfloat16)
+
+    with torch.device("meta"):
+        model = AceStepModel.from_config(_manifest()["config"]).to(torch.bfloat16)
+        velocity = model.decoder(
+            empty(1, 255, 64), empty(1), empty(1), empty(1, 40, 2048), empty(1, 255, 128)
+        )
+        quantized, indices = model.tokenize(empty(1, 255, 64), empty(1, 15000, 64))
+        hints = model.detokenize(quantized)
+        lyrics = model.encoder.lyric_encoder(empty(1, 30, 1024), torch.ones(1, 30))
+    assert velocity.shape == (1, 255, 64) and velocity.dtype == torch.bfloat16
+    assert quantized.shape == (1, 51, 2048) and indices.shape == (1, 51, 1)
+    assert hints.shape == (1, 255, 64)
+    assert lyrics.shape == (1, 30, 2048)

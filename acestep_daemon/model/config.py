@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 SLIDING = "sliding_attention"
@@ -26,6 +26,8 @@ class AceStepConfig:
     head_dim: int = 128
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
+    rope_scaling: dict[str, Any] | None = None
+    hidden_act: str = "silu"
     attention_bias: bool = False
     use_sliding_window: bool = True
     sliding_window: int = 128
@@ -45,10 +47,12 @@ class AceStepConfig:
     rope_inv_freq_in_model_dtype: bool = True
     """Port switch, not a config.json key: round the RoPE frequencies to the activation dtype
     before use, as the official model does after `.to(dtype)` casts its `inv_freq` buffers."""
-    timestep_embedding_dim: int = field(default=256, init=False)
-    """Width of the sinusoidal timestep features (fixed in the architecture)."""
 
     def __post_init__(self) -> None:
+        if self.hidden_act != "silu" or self.rope_scaling is not None:
+            raise ValueError(
+                "only hidden_act 'silu' and default RoPE (rope_scaling null) are implemented"
+            )
         if not self.layer_types:
             # Official default: even layer indices slide, odd ones attend fully.
             types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers))
@@ -60,7 +64,7 @@ class AceStepConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> AceStepConfig:
         """Build from a parsed `config.json`; unknown keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in names})
 
     def is_sliding(self, layer_index: int) -> bool:

@@ -13,6 +13,7 @@ from .config import AceStepConfig
 from .layers import MLP, RMSNorm, Transpose
 
 TIMESTEP_SCALE = 1000.0
+TIMESTEP_FEATURES = 256
 MAX_PERIOD = 10_000
 
 
@@ -96,8 +97,8 @@ class DiT(nn.Module):
         self.proj_in = nn.Sequential(
             Transpose(), nn.Conv1d(config.in_channels, dim, patch, stride=patch), Transpose()
         )
-        self.time_embed = TimestepEmbedding(config.timestep_embedding_dim, dim)
-        self.time_embed_r = TimestepEmbedding(config.timestep_embedding_dim, dim)
+        self.time_embed = TimestepEmbedding(TIMESTEP_FEATURES, dim)
+        self.time_embed_r = TimestepEmbedding(TIMESTEP_FEATURES, dim)
         self.condition_embedder = nn.Linear(dim, dim)
         self.norm_out = RMSNorm(dim, config.rms_norm_eps)
         self.proj_out = nn.Sequential(

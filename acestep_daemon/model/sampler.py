@@ -117,11 +117,12 @@ def sample_turbo(
 ) -> torch.Tensor:
     """Full turbo generation (official `generate_audio`, ODE, cover strength 1) -> [B, T, 64].
 
-    noise [B, T, 64] in the model dtype (see `draw_noise`), encoder_hidden [B, S, D] from
-    `encode_condition`, context [B, T, 128] from `build_context`. `on_step(k, total)` runs
-    before each DiT call and may raise to cancel.
+    noise [B, T, 64] (see `draw_noise`), encoder_hidden [B, S, D] from `encode_condition`,
+    context [B, T, 128] from `build_context`; the schedule takes the context's dtype and
+    device, as upstream. `on_step(k, total)` runs before each DiT call and may raise to
+    cancel.
     """
-    batch, device, dtype = noise.shape[0], noise.device, noise.dtype
+    batch, device, dtype = context.shape[0], context.device, context.dtype
     schedule = torch.tensor(turbo_timesteps(shift), device=device, dtype=dtype)
     steps = len(schedule)
     inject_steps = round(repaint.injection_ratio * steps) if repaint is not None else 0

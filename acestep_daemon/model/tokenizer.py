@@ -37,6 +37,16 @@ def fsq(z: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return codes.to(dtype), index
 
 
+def fsq_codes(indices: torch.Tensor, levels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Codebook entries of `indices` [...] -> [..., C], computed in `dtype`.
+
+    The official codebook buffer is built while the model's dtype is the default dtype, so
+    under bf16 its grid is formed in bf16 arithmetic (e.g. 0.140625 instead of 1/7).
+    """
+    digits = (indices.long()[..., None] // _basis(levels)) % levels  # [..., C]
+    return digits.to(dtype) * (2.0 / (levels - 1)).to(dtype) - 1.0
+
+
 class ResidualFSQ(nn.Module):
     """project_in -> soft clamp -> FSQ per quantizer on the scaled residual -> project_out."""
 
@@ -70,13 +80,10 @@ class ResidualFSQ(nn.Module):
 
     def dequantize(self, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """indices [N, T, num_quantizers] -> quantized [N, T, D] (official
-        `get_output_from_indices`; codebook values are formed in `dtype`, as the official
-        codebook buffer is built under the model's default dtype)."""
+        `get_output_from_indices`)."""
         levels, _, scales = self._constants(dtype, indices.device)
-        digits = (indices.long()[..., None] // _basis(levels)) % levels  # [N, T, Q, C]
-        codes = digits.to(dtype) * (2.0 / (levels - 1)).to(dtype) - 1.0
-        codes = (codes * scales).sum(dim=-2)  # [N, T, C]
-        return self.project_out(codes)
+        codes = fsq_codes(indices, levels, dtype) * scales  # [N, T, Q, C]
+        return self.project_out(codes.sum(dim=-2))
 
 
 class AttentionPooler(EncoderStack):

@@ -1,0 +1,33 @@
+"""Shared helpers of the model tests: the tiny official-code fixtures and the parity measure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from acestep_daemon.model import AceStepModel
+
+TINY = Path(__file__).parent / "fixtures" / "acestep_tiny"
+RELATIVE_TOLERANCE = 1e-5
+
+
+def load_tiny_model(**config_changes: object) -> AceStepModel:
+    """The fixture checkpoint in our model (meta construction, strict load with assign)."""
+    config = json.loads((TINY / "config.json").read_text()) | config_changes
+    return load_weights(config, load_file(TINY / "model.safetensors"))
+
+
+def load_weights(config: dict, state: dict[str, torch.Tensor]) -> AceStepModel:
+    with torch.device("meta"):
+        model = AceStepModel.from_config(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |ours - reference| / max |reference|."""
+    assert ours.shape == reference.shape
+    return float((ours.float() - reference.float()).abs().max() / reference.abs().max())
