@@ -65,11 +65,6 @@ class OobleckConfig:
         """Audio samples per latent frame (1920 for ACE-Step)."""
         return math.prod(self.downsampling_ratios)
 
-    @property
-    def latent_channels(self) -> int:
-        """The encoder emits mean and scale, half of ``encoder_hidden_size`` each."""
-        return self.encoder_hidden_size // 2
-
 
 class _WeightNormed(nn.Module):
     """Shared part of the weight-normalised convolutions: g, v, optional bias, the fusion."""
@@ -79,6 +74,7 @@ class _WeightNormed(nn.Module):
         self.weight_g = nn.Parameter(torch.empty(weight_shape[0], 1, 1))
         self.weight_v = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.zeros(bias_size)) if bias_size is not None else None
+        # A random start (w = v, ‖w‖ ≈ 1 per slice) for tiny test checkpoints; loads overwrite it.
         nn.init.normal_(self.weight_v, std=1.0 / math.sqrt(weight_shape[1] * weight_shape[2]))
         with torch.no_grad():
             self.weight_g.copy_(torch.norm_except_dim(self.weight_v, 2, 0))
