@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, Qwen2TokenizerFast
 from acestep_daemon.checkpoint import REQUIRED_FILES, CheckpointPaths, resolve_checkpoint
 from acestep_daemon.model import AceStepModel, draw_noise, sample_turbo
 from acestep_daemon.text import TextEncoder, caption_prompt, lyrics_prompt, render_metas
-from acestep_daemon.tiny import make_tiny_checkpoint
+from acestep_daemon.tiny import LATENT_CHANNELS, make_tiny_checkpoint
 from acestep_daemon.vae import OobleckVAE
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -90,7 +90,8 @@ def test_configs_carry_every_real_field(tiny_checkpoint: Path, folder: str) -> N
 
 def test_configs_keep_the_fixed_audio_geometry(tiny_checkpoint: Path) -> None:
     dit = config(tiny_checkpoint, "acestep-v15-turbo")
-    assert dit["in_channels"] == 192 and dit["audio_acoustic_hidden_dim"] == 64
+    latent = dit["audio_acoustic_hidden_dim"]
+    assert dit["in_channels"] == 3 * latent and dit["timbre_hidden_dim"] == latent
     assert dit["pool_window_size"] == 5 and dit["patch_size"] == 2
     assert dit["sliding_window"] == 8
     assert dit["layer_types"] == ["sliding_attention", "full_attention"] * 12
@@ -98,7 +99,7 @@ def test_configs_keep_the_fixed_audio_geometry(tiny_checkpoint: Path) -> None:
     vae = config(tiny_checkpoint, "vae")
     assert vae["_class_name"] == "AutoencoderOobleck"
     assert vae["downsampling_ratios"] == [2, 4, 4, 6, 10]
-    assert vae["decoder_input_channels"] == 64 and vae["encoder_hidden_size"] == 128
+    assert vae["decoder_input_channels"] == latent and vae["encoder_hidden_size"] == 2 * latent
     assert vae["audio_channels"] == 2 and vae["sampling_rate"] == 48000
 
 
@@ -106,7 +107,7 @@ def test_silence_latent_is_in_the_official_format(tiny_checkpoint: Path) -> None
     silence = torch.load(
         tiny_checkpoint / "acestep-v15-turbo" / "silence_latent.pt", weights_only=True
     )
-    assert silence.dtype == torch.float32 and silence.shape == (1, 64, 15000)
+    assert silence.dtype == torch.float32 and silence.shape == (1, LATENT_CHANNELS, 15000)
     constant = silence[0, :, 4]
     assert torch.equal(silence[0, :, 4:], constant[:, None].expand(-1, 14996))
     for frame in range(4):
@@ -152,7 +153,7 @@ def test_tiny_checkpoint_makes_finite_audible_audio(tiny_checkpoint: Path) -> No
             caption, caption_mask, lyrics, lyric_mask, silence[:, :750], torch.tensor([0])
         )
         context = dit.build_context(silence[:, :frames], torch.ones(1, frames))
-        noise = draw_noise([7], frames, 64, "cpu", torch.float32)
+        noise = draw_noise([7], frames, LATENT_CHANNELS, "cpu", torch.float32)
         latents = sample_turbo(dit, noise, condition, context, 3.0)  # [1, T, 64]
         audio = vae.decode(latents.transpose(1, 2))  # [1, 2, T·1920]
         mean, _ = vae.encode(audio[..., : 2 * 1920].clamp(-1, 1))
@@ -160,7 +161,7 @@ def test_tiny_checkpoint_makes_finite_audible_audio(tiny_checkpoint: Path) -> No
     assert audio.shape == (1, 2, frames * 1920)
     assert torch.isfinite(audio).all() and audio.std() > 1e-3
     assert 0.05 < audio.abs().max() < 5
-    assert mean.shape == (1, 64, 2) and 0.05 < mean.std() < 20
+    assert mean.shape == (1, LATENT_CHANNELS, 2) and 0.05 < mean.std() < 20
 
 
 def test_same_seed_writes_identical_files_in_seconds(tmp_path: Path) -> None:
