@@ -1,0 +1,242 @@
+"""The `acestep` command: one function per subcommand.
+
+acestep serve            run the daemon (resident model, Unix socket)
+acestep request          send one request line to a daemon and print the answer
+acestep install-service  write the systemd user units
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from acestep_daemon import paths, units
+
+logger = logging.getLogger("acestep_daemon")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _socket_mode(text: str) -> int:
+    mode = int(text, 8)
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a permission mode: {text}")
+    return mode
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the daemon")
+    p.add_argument("--socket", type=Path, default=None, help="socket path (default: %(default)s)")
+    p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
+    p.add_argument(
+        "--model",
+        choices=("turbo", "tiny"),
+        default="turbo",
+        help="'tiny' serves a freshly made tiny checkpoint with RANDOM weights (protocol tests)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--queue-limit", type=int, default=16, help="waiting requests before 'busy'")
+    p.add_argument("--idle-unload", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--socket-mode", type=_socket_mode, default=0o600, metavar="OCTAL")
+    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID")
+    p.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument("--shutdown-grace", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    import torch
+
+    from acestep_daemon import server
+    from acestep_daemon.checkpoint import resolve_checkpoint
+    from acestep_daemon.manager import GenerationManager, inject_from_env
+    from acestep_daemon.pipeline import Pipeline
+
+    tiny_dir: Path | None = None
+    model_dir = args.model_dir
+    if args.model == "tiny":
+        from acestep_daemon.tiny import make_tiny_checkpoint
+
+        tiny_dir = Path(tempfile.mkdtemp(prefix="acestep-tiny-"))
+        model_dir = make_tiny_checkpoint(tiny_dir / "checkpoint")
+        logger.warning(
+            "*** --model tiny: serving a TINY checkpoint with RANDOM weights from %s. "
+            "It answers the protocol but every file it writes is noise, not music. ***",
+            model_dir,
+        )
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+
+    def factory() -> Pipeline:
+        return Pipeline.load(resolve_checkpoint(model_dir), device=args.device, dtype=dtype)
+
+    try:
+        manager = GenerationManager(
+            factory,
+            queue_limit=args.queue_limit,
+            idle_unload_s=args.idle_unload,
+            inject_oom=inject_from_env(),
+        )
+        return server.serve(
+            manager,
+            args.socket or paths.default_socket_path(),
+            socket_mode=args.socket_mode,
+            allow_uids=args.allow_uid,
+            allow_gids=args.allow_gid,
+            read_timeout_s=args.read_timeout,
+            shutdown_grace_s=args.shutdown_grace,
+        )
+    except ValueError as error:
+        logger.error("%s", error)
+        return 2
+    finally:
+        if tiny_dir is not None:
+            shutil.rmtree(tiny_dir, ignore_errors=True)
+
+
+def _add_request(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("request", help="send one request to a running daemon")
+    p.add_argument("caption", nargs="?", help="what the music should be")
+    p.add_argument("--command", choices=("status", "ping", "load", "unload"))
+    p.add_argument("--json", dest="raw", help="send this JSON object as it is")
+    p.add_argument("--socket", type=Path, default=None)
+    p.add_argument("--lyrics")
+    p.add_argument("--metas")
+    p.add_argument("--language")
+    p.add_argument("--duration", dest="duration_s", type=float)
+    p.add_argument("--shift", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--output", type=lambda s: str(Path(s).absolute()))
+    p.add_argument("--bpm", type=int)
+    p.add_argument("--key")
+    p.add_argument("--time-signature")
+    p.add_argument("--task", choices=("text2music", "repaint", "cover"))
+    p.add_argument("--reference-audio", type=lambda s: str(Path(s).absolute()))
+    p.add_argument("--src-audio", type=lambda s: str(Path(s).absolute()))
+    p.add_argument("--repaint-start", dest="repaint_start_s", type=float)
+    p.add_argument("--repaint-end", dest="repaint_end_s", type=float)
+    p.add_argument("--progress", action="store_true", help="also print progress lines")
+    p.set_defaults(func=cmd_request)
+
+
+REQUEST_FIELDS = (
+    "caption",
+    "lyrics",
+    "metas",
+    "language",
+    "duration_s",
+    "shift",
+    "seed",
+    "output",
+    "bpm",
+    "key",
+    "time_signature",
+    "task",
+    "reference_audio",
+    "src_audio",
+    "repaint_start_s",
+    "repaint_end_s",
+)
+
+
+def build_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The request object from the flags (only the flags that were given)."""
+    if args.raw:
+        return json.loads(args.raw)
+    if args.command:
+        return {"command": args.command}
+    if not args.caption:
+        raise SystemExit("acestep request: give a caption, --command or --json")
+    request = {name: getattr(args, name) for name in REQUEST_FIELDS}
+    request = {k: v for k, v in request.items() if v is not None}
+    if args.progress:
+        request["progress"] = True
+    return request
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    """Send the line, half-close like socat, print every answer line; 0 when the last is ok."""
+    line = json.dumps(build_request(args)).encode() + b"\n"
+    path = args.socket or paths.default_socket_path()
+    last: dict[str, Any] = {}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError as error:
+            print(f"acestep request: cannot connect to {path}: {error}", file=sys.stderr)
+            return 1
+        sock.sendall(line)
+        sock.shutdown(socket.SHUT_WR)
+        with sock.makefile("rb") as answers:
+            for raw in answers:
+                print(raw.decode().rstrip("\n"), flush=True)
+                last = json.loads(raw)
+    return 0 if last.get("ok") else 1
+
+
+def _add_install_service(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("install-service", help="write the systemd user units")
+    p.add_argument(
+        "--unit-dir",
+        type=Path,
+        default=Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        / "systemd"
+        / "user",
+    )
+    p.add_argument(
+        "--socket",
+        default=units.DEFAULT_LISTEN,
+        help=f"ListenStream= of the socket unit (old clients: {paths.LEGACY_SOCKET})",
+    )
+    p.add_argument("--enable", action="store_true", help="systemctl --user enable --now the socket")
+    p.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- extra `acestep serve` flags")
+    p.set_defaults(func=cmd_install_service)
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    extra = [a for a in args.serve_args if a != "--"]
+    exec_start = units.exec_start(sys.executable, extra)
+    args.unit_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        (units.SERVICE_NAME, units.render_service(exec_start)),
+        (units.SOCKET_UNIT_NAME, units.render_socket(args.socket)),
+    ):
+        (args.unit_dir / name).write_text(text)
+        print(f"wrote {args.unit_dir / name}")
+    commands = [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", "--now", units.SOCKET_UNIT_NAME],
+    ]
+    if not args.enable:
+        print("now run:\n" + "\n".join("  " + " ".join(c) for c in commands))
+        return 0
+    for command in commands:
+        if subprocess.run(command, check=False).returncode != 0:
+            return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="acestep", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="subcommand", required=True)
+    _add_serve(subparsers)
+    _add_request(subparsers)
+    _add_install_service(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)

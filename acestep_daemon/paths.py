@@ -1,0 +1,39 @@
+"""Where the daemon listens and where it spools files nobody named (XDG locations)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+SOCKET_NAME = "ace-step-gen.sock"
+LEGACY_SOCKET = Path("/tmp") / SOCKET_NAME
+"""The ace-step-rs daemon's fixed path, still the fallback without a runtime dir."""
+
+
+def default_socket_path() -> Path:
+    """`ACESTEP_SOCKET`, else `$XDG_RUNTIME_DIR/ace-step-gen.sock`, else the legacy path."""
+    if env := os.environ.get("ACESTEP_SOCKET"):
+        return Path(env)
+    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(runtime) / SOCKET_NAME
+    return LEGACY_SOCKET
+
+
+def spool_dir() -> Path:
+    """`$XDG_DATA_HOME/ace-step/spool` (XDG default `~/.local/share`)."""
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "ace-step" / "spool"
+
+
+_spool_lock = threading.Lock()
+_last_ms = 0
+
+
+def spool_path() -> Path:
+    """A fresh `<spool>/<milliseconds>.ogg`; two requests in one millisecond get distinct names."""
+    global _last_ms
+    with _spool_lock:
+        _last_ms = max(time.time_ns() // 1_000_000, _last_ms + 1)
+        return spool_dir() / f"{_last_ms}.ogg"

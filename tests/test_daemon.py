@@ -1,0 +1,201 @@
+"""One real daemon (tiny checkpoint, queue limit 4) answering real socket clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import soundfile
+
+from tests.daemon_harness import REPO, Daemon, ask, running
+
+DURATION_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
+    tmp = tmp_path_factory.mktemp("daemon")
+    with running(tmp, "--model-dir", str(tiny_checkpoint), "--queue-limit", "4") as d:
+        yield d
+
+
+def assert_complete_audio(path: Path, duration_s: float) -> None:
+    info = soundfile.info(str(path))
+    assert (info.samplerate, info.channels) == (48000, 2)
+    assert abs(info.frames - duration_s * 48000) <= 1920, info.frames
+    samples, _ = soundfile.read(str(path))
+    assert len(samples) == info.frames
+
+
+def test_socat_request_gets_one_line_naming_valid_audio(daemon: Daemon, tmp_path: Path):
+    if shutil.which("socat") is None:
+        if os.environ.get("CI"):
+            pytest.fail("socat is not installed (.ci/run installs it)")
+        pytest.skip("socat is not installed")
+    output = tmp_path / "new" / "folder" / "piano.ogg"
+    line = json.dumps(
+        {"caption": "ambient piano", "duration_s": DURATION_S, "seed": 7, "output": str(output)}
+    )
+    result = subprocess.run(
+        ["socat", "-t", "120", "-", f"UNIX-CONNECT:{daemon.socket}"],
+        input=line + "\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    answer = json.loads(lines[0])
+    assert answer["ok"] is True, answer
+    assert answer["path"] == str(output)
+    assert answer["duration_s"] == pytest.approx(DURATION_S)
+    assert (answer["sample_rate"], answer["channels"], answer["seed"]) == (48000, 2, 7)
+    assert set(answer["timings"]) >= {"text", "diffusion", "vae"}
+    assert answer["device"] == "cpu"
+    assert_complete_audio(output, DURATION_S)
+
+
+def test_request_without_output_is_spooled(daemon: Daemon):
+    answer = daemon.ask({"caption": "drums", "duration_s": DURATION_S, "output": None})
+    path = Path(answer["path"])
+    assert path.parent == daemon.tmp / "data" / "ace-step" / "spool"
+    assert path.suffix == ".ogg" and path.stem.isdigit()
+    assert_complete_audio(path, DURATION_S)
+
+
+def test_ping_and_status_answer(daemon: Daemon):
+    assert daemon.ask({"command": "ping"}) == {"ok": True, "message": "pong"}
+    status = daemon.status()
+    assert status["ok"] and status["loaded"] and status["device"] == "cpu"
+    assert status["queue_limit"] == 4 and status["queue_depth"] == 0
+    assert {"version", "dtype", "busy", "uptime_s", "generated", "free_vram_bytes"} <= set(status)
+    assert Path(status["model_dir"]).is_dir()
+
+
+def test_unload_then_next_request_reloads(daemon: Daemon, tmp_path: Path):
+    loads = daemon.status()["loads"]
+    assert daemon.ask({"command": "unload"}) == {"ok": True, "message": "pipeline unloaded"}
+    assert daemon.status()["loaded"] is False
+    output = tmp_path / "after-unload.wav"
+    answer = daemon.ask({"caption": "reload", "duration_s": DURATION_S, "output": str(output)})
+    assert answer["ok"], answer
+    status = daemon.status()
+    assert status["loaded"] is True and status["loads"] == loads + 1
+    assert_complete_audio(output, DURATION_S)
+
+
+def test_load_command_loads(daemon: Daemon):
+    daemon.ask({"command": "unload"})
+    answer = daemon.ask({"command": "load"})
+    assert answer["ok"] and answer["message"] == "pipeline loaded" and answer["device"] == "cpu"
+    assert daemon.status()["loaded"] is True
+
+
+def test_progress_lines_come_in_order_before_the_final_line(daemon: Daemon, tmp_path: Path):
+    output = tmp_path / "progress.flac"
+    request = {"caption": "p", "duration_s": DURATION_S, "progress": True, "output": str(output)}
+    answers = ask(daemon.socket, request)
+    *progress, final = answers
+    assert final["ok"] is True and final["path"] == str(output)
+    steps = [(p["progress"]["stage"], p["progress"]["step"], p["progress"]["of"]) for p in progress]
+    assert steps[0] == ("text", 0, 1)
+    assert [s for s in steps if s[0] == "diffusion"] == [("diffusion", i, 8) for i in range(8)]
+    vae = [s for s in steps if s[0] == "vae"]
+    assert vae and vae == [("vae", i, vae[0][2]) for i in range(vae[0][2])]
+    assert steps == sorted(steps, key=lambda s: ("text", "diffusion", "vae").index(s[0]))
+
+
+def test_fifty_concurrent_clients_get_one_answer_each(daemon: Daemon, tmp_path: Path):
+    answers: list[list[dict]] = [[] for _ in range(50)]
+
+    def client(i: int) -> None:
+        request = {
+            "caption": f"c{i}",
+            "duration_s": DURATION_S,
+            "output": str(tmp_path / f"{i}.wav"),
+        }
+        answers[i] = ask(daemon.socket, request, timeout=300)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(a) == 1 for a in answers), answers
+    finals = [a[0] for a in answers]
+    ok = [f for f in finals if f["ok"]]
+    busy = [f for f in finals if not f["ok"] and f["code"] == "busy"]
+    assert len(ok) + len(busy) == 50, finals
+    assert ok and busy
+    assert all(b["queue_depth"] == 4 and b["queue_limit"] == 4 for b in busy)
+    for f in ok:
+        assert_complete_audio(Path(f["path"]), DURATION_S)
+
+
+def test_hangup_while_queued_cancels_job_before_it_runs(daemon: Daemon, tmp_path: Path):
+    before = daemon.status()
+    long_request = {"caption": "long", "duration_s": 60, "progress": True}
+    long_request["output"] = str(tmp_path / "long.wav")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as running_client:
+        running_client.connect(str(daemon.socket))
+        running_client.sendall(json.dumps(long_request).encode() + b"\n")
+        running_client.shutdown(socket.SHUT_WR)
+        running_client.recv(1)  # the first progress line: the long job runs
+        queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        queued.connect(str(daemon.socket))
+        hung_up = tmp_path / "hung-up.wav"
+        queued.sendall(json.dumps({"caption": "gone", "output": str(hung_up)}).encode() + b"\n")
+        deadline = time.monotonic() + 30
+        while daemon.status()["queue_depth"] != 1:
+            assert time.monotonic() < deadline
+        queued.close()
+        while (status := daemon.status())["cancelled"] != before["cancelled"] + 1:
+            assert time.monotonic() < deadline
+        assert status["queue_depth"] == 0 and status["busy"] is True
+        final = b""
+        while chunk := running_client.recv(1 << 16):
+            final += chunk
+    assert json.loads(final.splitlines()[-1])["ok"] is True
+    after = daemon.status()
+    assert after["generated"] == before["generated"] + 1
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert not hung_up.exists()
+    assert daemon.ask({"command": "ping"})["ok"]
+
+
+def acestep(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "acestep_daemon", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_acestep_request_prints_the_answer(daemon: Daemon, tmp_path: Path):
+    output = tmp_path / "client.wav"
+    sock = ("--socket", str(daemon.socket))
+    flags = ("--duration", "1", "--seed", "3", "--output", str(output))
+    result = acestep("request", "cli piano", *flags, *sock)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["ok"] and answer["path"] == str(output) and answer["seed"] == 3
+    assert_complete_audio(output, 1.0)
+    status = acestep("request", "--command", "status", *sock)
+    assert status.returncode == 0 and json.loads(status.stdout)["loaded"] is True
+    progress = acestep("request", "p", "--duration", "1", "--progress", *sock)
+    lines = [json.loads(line) for line in progress.stdout.splitlines()]
+    assert "progress" in lines[0] and lines[-1]["ok"] is True
+    refused = acestep("request", "--json", '{"caption": "x", "output": "relative.wav"}', *sock)
+    assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == "invalid_request"

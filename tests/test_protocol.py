@@ -1,0 +1,117 @@
+"""The wire contract on its own: ace-step-rs requests parse unchanged, bad lines are named."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from acestep_daemon.protocol import (
+    MAX_SEED,
+    CommandRequest,
+    GenerateRequest,
+    ProtocolError,
+    encode,
+    parse_request,
+)
+
+
+def parse(obj: object) -> GenerateRequest | CommandRequest:
+    return parse_request(json.dumps(obj).encode() + b"\n")
+
+
+def test_ace_step_rs_request_keeps_its_defaults():
+    request = parse({"caption": "upbeat jazz"})
+    assert isinstance(request, GenerateRequest)
+    assert (request.lyrics, request.metas, request.language) == ("", "", "en")
+    assert (request.duration_s, request.shift) == (30.0, 3.0)
+    assert request.seed is None and request.output is None
+    assert request.progress is False and request.task == "text2music"
+
+
+def test_full_ace_step_rs_request_parses():
+    line = {
+        "caption": "upbeat jazz, 120 BPM",
+        "lyrics": "[verse]\nSome words",
+        "metas": "bpm: 120, key: C",
+        "language": "en",
+        "duration_s": 20,
+        "shift": 3.0,
+        "seed": MAX_SEED,
+        "output": "/tmp/music.ogg",
+    }
+    request = parse(line)
+    assert request.seed == MAX_SEED and request.duration_s == 20.0
+
+
+def test_null_seed_and_output_mean_random_and_spool():
+    request = parse({"caption": "x", "seed": None, "output": None})
+    assert request.seed is None and request.output is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"caption": ""}, "caption"),
+        ({"caption": "   "}, "caption"),
+        ({}, "caption"),
+        ({"caption": "x", "duration_s": 0.5}, "duration_s"),
+        ({"caption": "x", "duration_s": 601}, "duration_s"),
+        ({"caption": "x", "duration_s": "30"}, "duration_s"),
+        ({"caption": "x", "seed": -1}, "seed"),
+        ({"caption": "x", "seed": MAX_SEED + 1}, "seed"),
+        ({"caption": "x", "seed": 1.5}, "seed"),
+        ({"caption": "x", "output": "out.wav"}, "absolute"),
+        ({"caption": "x", "output": "/tmp/../etc/out.wav"}, ".."),
+        ({"caption": "x", "output": "/tmp/out.xyz"}, "output"),
+        ({"caption": "x", "task": "remix"}, "task"),
+        ({"caption": "x", "task": "cover"}, "src_audio"),
+        ({"caption": "x", "src_audio": "/a.wav"}, "src_audio"),
+        ({"caption": "x", "repaint_start_s": 1.0}, "repaint"),
+        ({"caption": "x", "progress": "yes"}, "progress"),
+        ({"caption": "x", "volume": 11, "tempo": 3}, "unknown field(s): volume, tempo"),
+        ({"command": "reboot"}, "command"),
+        ({"command": "status", "caption": "x"}, "caption"),
+    ],
+)
+def test_bad_request_is_rejected_naming_the_field(fields, named):
+    with pytest.raises(ProtocolError) as caught:
+        parse(fields)
+    assert named in str(caught.value)
+    assert caught.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"", b"\n", b"not json\n", b"[1, 2]\n", b'"caption"\n', b"\xff\xfe{}\n", b"[" * 100_000],
+)
+def test_garbage_is_a_protocol_error(line):
+    with pytest.raises(ProtocolError):
+        parse_request(line)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_are_rejected(constant):
+    with pytest.raises(ProtocolError):
+        parse_request(b'{"caption": "x", "duration_s": ' + constant.encode() + b"}")
+
+
+def test_commands_parse():
+    for name in ("unload", "load", "status", "ping"):
+        assert parse({"command": name}) == CommandRequest(command=name)
+
+
+def test_answers_are_one_line_of_strict_json():
+    line = encode({"ok": False, "error": "a\nb \ud800", "code": "internal", "x": float("nan")})
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(c))["x"] is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_any_bytes_parse_or_raise_protocol_error(data):
+    with contextlib.suppress(ProtocolError):
+        parse_request(data)
