@@ -3,6 +3,8 @@
 acestep serve            run the daemon (resident model, Unix socket)
 acestep request          send one request line to a daemon and print the answer
 acestep install-service  write the systemd user units
+acestep generate         generate one file in this process (the ace-step-rs `ace-step` CLI)
+acestep make-tiny-checkpoint  write a tiny random checkpoint in the real layout
 """
 
 from __future__ import annotations
@@ -17,13 +19,25 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
 
 from acestep_daemon import paths, units
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("acestep_daemon")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _torch_dtype(name: str) -> torch.dtype | None:
+    """The --dtype flag as a torch dtype; None (auto) means the pipeline's default."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
 
 
 def _socket_mode(text: str) -> int:
@@ -62,7 +76,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    import torch
 
     from acestep_daemon import server
     from acestep_daemon.checkpoint import resolve_checkpoint
@@ -81,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "It answers the protocol but every file it writes is noise, not music. ***",
             model_dir,
         )
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = _torch_dtype(args.dtype)
 
     def factory() -> Pipeline:
         return Pipeline.load(resolve_checkpoint(model_dir), device=args.device, dtype=dtype)
@@ -110,29 +123,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
             shutil.rmtree(tiny_dir, ignore_errors=True)
 
 
-def _add_request(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("request", help="send one request to a running daemon")
-    p.add_argument("caption", nargs="?", help="what the music should be")
-    p.add_argument("--command", choices=("status", "ping", "load", "unload"))
-    p.add_argument("--json", dest="raw", help="send this JSON object as it is")
-    p.add_argument("--socket", type=Path, default=None)
-    p.add_argument("--lyrics")
-    p.add_argument("--metas")
-    p.add_argument("--language")
-    p.add_argument("--duration", dest="duration_s", type=float)
-    p.add_argument("--shift", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--output", type=lambda s: str(Path(s).absolute()))
+TASKS = ("text2music", "repaint", "cover")
+
+
+def _absolute_path(text: str) -> str:
+    """Paths go on the wire absolute: the daemon's working directory is not the caller's."""
+    return str(Path(text).absolute())
+
+
+def _add_generation_fields(p: argparse.ArgumentParser) -> None:
+    """The request fields as flags (ace-step-rs `ace-step` names); dest = the wire name."""
+    p.add_argument("-l", "--lyrics", help="lyrics with [verse]/[chorus] tags")
+    p.add_argument("--metas", help="free metadata string, passed to the model verbatim")
+    p.add_argument("--language", help="language code of the lyrics (en)")
+    p.add_argument("-d", "--duration", dest="duration_s", type=float, help="seconds, 1-600 (30)")
+    p.add_argument("--shift", type=float, help="turbo schedule shift: 1, 2 or 3 (3)")
+    p.add_argument("-s", "--seed", type=int, help="random when omitted")
+    p.add_argument("-o", "--output", type=_absolute_path, help="file; format from the extension")
     p.add_argument("--bpm", type=int)
-    p.add_argument("--key")
-    p.add_argument("--time-signature")
-    p.add_argument("--task", choices=("text2music", "repaint", "cover"))
-    p.add_argument("--reference-audio", type=lambda s: str(Path(s).absolute()))
-    p.add_argument("--src-audio", type=lambda s: str(Path(s).absolute()))
-    p.add_argument("--repaint-start", dest="repaint_start_s", type=float)
-    p.add_argument("--repaint-end", dest="repaint_end_s", type=float)
-    p.add_argument("--progress", action="store_true", help="also print progress lines")
-    p.set_defaults(func=cmd_request)
+    p.add_argument("--key", help='e.g. "C major"')
+    p.add_argument("--time-signature", help='e.g. "4/4"')
+    p.add_argument("--task", choices=TASKS, help="default: from the inputs")
+    p.add_argument("--reference-audio", type=_absolute_path, help="timbre reference clip")
+    p.add_argument("--src-audio", type=_absolute_path, help="source of repaint and cover")
+    p.add_argument("--repaint-start", dest="repaint_start_s", type=float, metavar="SECONDS")
+    p.add_argument("--repaint-end", dest="repaint_end_s", type=float, metavar="SECONDS")
 
 
 REQUEST_FIELDS = (
@@ -155,6 +170,27 @@ REQUEST_FIELDS = (
 )
 
 
+def request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The request object from the flags that were given; the task follows the inputs."""
+    request = {name: getattr(args, name) for name in REQUEST_FIELDS}
+    request = {k: v for k, v in request.items() if v is not None}
+    if "task" not in request and "src_audio" in request:
+        has_range = "repaint_start_s" in request or "repaint_end_s" in request
+        request["task"] = "repaint" if has_range else "cover"
+    return request
+
+
+def _add_request(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("request", help="send one request to a running daemon")
+    p.add_argument("caption", nargs="?", help="what the music should be")
+    p.add_argument("--command", choices=("status", "ping", "load", "unload"))
+    p.add_argument("--json", dest="raw", help="send this JSON object as it is")
+    p.add_argument("--socket", type=Path, default=None)
+    _add_generation_fields(p)
+    p.add_argument("--progress", action="store_true", help="also print progress lines")
+    p.set_defaults(func=cmd_request)
+
+
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
     """The request object from the flags (only the flags that were given)."""
     if args.raw:
@@ -163,8 +199,7 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         return {"command": args.command}
     if not args.caption:
         raise SystemExit("acestep request: give a caption, --command or --json")
-    request = {name: getattr(args, name) for name in REQUEST_FIELDS}
-    request = {k: v for k, v in request.items() if v is not None}
+    request = request_fields(args)
     if args.progress:
         request["progress"] = True
     return request
@@ -232,11 +267,104 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate one file without a daemon")
+    p.add_argument("-c", "--caption", required=True, help="style, genre, mood, instruments")
+    _add_generation_fields(p)
+    p.add_argument("--float-wav", action="store_true", help="32-bit float WAV")
+    p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Validate like the daemon, generate, write atomically, print one JSON line."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    from pydantic import ValidationError
+
+    from acestep_daemon import protocol, server
+    from acestep_daemon.audio import write_audio
+    from acestep_daemon.checkpoint import resolve_checkpoint
+    from acestep_daemon.errors import AceStepError
+    from acestep_daemon.pipeline import Pipeline
+
+    if args.output is None:
+        print("acestep generate: --output is required", file=sys.stderr)
+        return 2
+    try:
+        request = protocol.GenerateRequest.model_validate(request_fields(args))
+        output = Path(request.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint = resolve_checkpoint(args.model_dir)
+        pipeline = Pipeline.load(checkpoint, device=args.device, dtype=_torch_dtype(args.dtype))
+        with _TerminalProgress() as progress:
+            audio = pipeline.generate(server.generation_params(request), progress=progress)
+        write_audio(output, audio.samples, audio.sample_rate, float_wav=args.float_wav)
+    except ValidationError as error:
+        print(f"acestep generate: {protocol.describe(error)}", file=sys.stderr)
+        return 2
+    except (AceStepError, OSError) as error:
+        print(f"acestep generate: {error}", file=sys.stderr)
+        return 1
+    answer = protocol.success_answer(
+        path=str(output),
+        duration_s=audio.duration_s,
+        seed=audio.seed,
+        timings=audio.timings,
+        device=str(pipeline.device),
+    )
+    sys.stdout.write(protocol.encode(answer).decode())
+    return 0
+
+
+class _TerminalProgress:
+    """A tqdm bar per stage on a terminal; nothing when stderr is not one."""
+
+    def __init__(self) -> None:
+        self._bar: tqdm | None = None
+        self._enabled = sys.stderr.isatty()
+
+    def __enter__(self) -> _TerminalProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __call__(self, stage: str, step: int, of: int) -> None:
+        if not self._enabled:
+            return
+        if self._bar is None or self._bar.desc != stage:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = tqdm(total=of, desc=stage, unit="step", file=sys.stderr)
+        self._bar.update(step + 1 - self._bar.n)
+
+
+def _add_make_tiny_checkpoint(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "make-tiny-checkpoint", help="write a tiny random checkpoint in the real layout"
+    )
+    p.add_argument("dest", type=Path, help="folder to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_checkpoint)
+
+
+def cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from acestep_daemon.tiny import make_tiny_checkpoint
+
+    print(make_tiny_checkpoint(args.dest, seed=args.seed))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="acestep", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="subcommand", required=True)
     _add_serve(subparsers)
     _add_request(subparsers)
     _add_install_service(subparsers)
+    _add_generate(subparsers)
+    _add_make_tiny_checkpoint(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -12,8 +12,6 @@ LATENT_HOP = 1920
 LATENT_RATE = SAMPLE_RATE // LATENT_HOP
 """Latent frames per second (25)."""
 
-LATENT_CHANNELS = 64
-
 MIN_LATENT_FRAMES = 128
 """The model always runs on at least this many frames (5.12 s)."""
 

@@ -121,7 +121,7 @@ class CommandRequest(_Strict):
     command: CommandName
 
 
-def _describe(error: ValidationError) -> str:
+def describe(error: ValidationError) -> str:
     """One line naming every bad field (never echoing the caller's possibly huge input)."""
     unknown = [str(e["loc"][-1])[:64] for e in error.errors() if e["type"] == "extra_forbidden"]
     parts = []
@@ -160,7 +160,7 @@ def parse_request(line: bytes) -> GenerateRequest | CommandRequest:
     try:
         return model.model_validate(obj)
     except ValidationError as error:
-        raise ProtocolError(_describe(error)) from None
+        raise ProtocolError(describe(error)) from None
 
 
 def error_answer(message: str, code: ErrorCode, **extra: Any) -> dict[str, Any]:

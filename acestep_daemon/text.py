@@ -165,7 +165,7 @@ class TextEncoder:
         )
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_caption(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption prompts -> (hidden [B, L, D] after the final norm, mask [B, L]).
 
@@ -176,7 +176,7 @@ class TextEncoder:
         hidden = self.model(input_ids=ids).last_hidden_state  # [B, L, D]
         return hidden, mask
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed_lyrics(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Lyric prompts -> (embedding-table rows [B, L, D], mask [B, L]); no transformer."""
         ids, mask = self.tokenize(prompts, LYRICS_MAX_TOKENS)

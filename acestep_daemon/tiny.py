@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from acestep_daemon.checkpoint import CheckpointPaths
-from acestep_daemon.constants import LATENT_CHANNELS, SAMPLE_RATE
+from acestep_daemon.constants import SAMPLE_RATE
 from acestep_daemon.model import AceStepModel
 from acestep_daemon.tiny_text import TEXT_HIDDEN, write_tiny_text_encoder
 from acestep_daemon.tiny_weights import random_weights, save_weights
@@ -26,6 +26,14 @@ SILENCE_FRAMES = 15_000
 
 SILENCE_HEAD_FRAMES = 4
 """Leading silence frames that differ from the constant rest (VAE edge effects)."""
+
+LATENT_CHANNELS = 8
+"""Latent width of the tiny checkpoint (the real one has 64).
+
+The VAE encoder runs at its full width on every audio sample and must emit
+mean ‖ scale (2 × the latent width), so 64 latent channels would make every
+tiny encode of source or reference audio cost seconds per second of audio.
+"""
 
 _DIT_LAYERS = 24
 DIT_CONFIG: dict = {
@@ -89,9 +97,9 @@ VAE_CONFIG: dict = {
 }
 """The real VAE config fields with tiny widths; the hop stays 1920 samples.
 
-`encoder_hidden_size` cannot shrink: the encoder emits mean ‖ scale, so it must
-be 2 × 64 for 64 latent channels. Flat `channel_multiples` keep every stage at
-that width (encoder) or at 4 channels (decoder).
+`encoder_hidden_size` is tied to the latent width: the encoder emits mean ‖ scale,
+so it is 2 × LATENT_CHANNELS. Flat `channel_multiples` keep every stage at that
+width (encoder) or at 4 channels (decoder).
 """
 
 VAE_RESIDUAL_GAIN = 0.1
@@ -141,11 +149,11 @@ def _write_vae(folder: Path, generator: torch.Generator) -> None:
 
 
 def _silence_latent(generator: torch.Generator) -> torch.Tensor:
-    """[1, 64, 15000] float32, channels first: distinct head frames, then one constant frame."""
+    """[1, C, 15000] float32, channels first: distinct head frames, then one constant frame."""
     head = 0.5 * torch.randn(LATENT_CHANNELS, SILENCE_HEAD_FRAMES, generator=generator)
     rest = 0.5 * torch.randn(LATENT_CHANNELS, 1, generator=generator)
     frames = torch.cat([head, rest.expand(-1, SILENCE_FRAMES - SILENCE_HEAD_FRAMES)], dim=1)
-    return frames.unsqueeze(0).contiguous()  # [1, 64, 15000]
+    return frames.unsqueeze(0).contiguous()  # [1, C, 15000]
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -14,10 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2TokenizerFast
 
 from acestep_daemon.checkpoint import REQUIRED_FILES, CheckpointPaths, resolve_checkpoint
-from acestep_daemon.model import AceStepModel, draw_noise, sample_turbo
-from acestep_daemon.text import TextEncoder, caption_prompt, lyrics_prompt, render_metas
-from acestep_daemon.tiny import make_tiny_checkpoint
-from acestep_daemon.vae import OobleckVAE
+from acestep_daemon.pipeline import GenerationParams, Pipeline
+from acestep_daemon.tiny import LATENT_CHANNELS, make_tiny_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_FILES = (
@@ -44,20 +42,10 @@ def config(root: Path, folder: str) -> dict:
     return json.loads((root / folder / "config.json").read_text())
 
 
-def load_dit(root: Path) -> AceStepModel:
-    with torch.device("meta"):
-        model = AceStepModel.from_config(config(root, "acestep-v15-turbo"))
-    weights = load_file(root / "acestep-v15-turbo" / "model.safetensors")
-    model.load_state_dict(weights, strict=True, assign=True)
-    return model.eval()
-
-
-def load_vae(root: Path) -> OobleckVAE:
-    with torch.device("meta"):
-        vae = OobleckVAE.from_config(config(root, "vae"))
-    weights = load_file(root / "vae" / "diffusion_pytorch_model.safetensors")
-    vae.load_state_dict(weights, strict=True, assign=True)
-    return vae.eval()
+@pytest.fixture(scope="module")
+def pipeline(tiny_checkpoint: Path) -> Pipeline:
+    """The tiny checkpoint loaded through the real loading path (strict state dicts)."""
+    return Pipeline.load(resolve_checkpoint(tiny_checkpoint), device="cpu")
 
 
 def test_tiny_checkpoint_passes_checkpoint_verification(tiny_checkpoint: Path) -> None:
@@ -90,7 +78,8 @@ def test_configs_carry_every_real_field(tiny_checkpoint: Path, folder: str) -> N
 
 def test_configs_keep_the_fixed_audio_geometry(tiny_checkpoint: Path) -> None:
     dit = config(tiny_checkpoint, "acestep-v15-turbo")
-    assert dit["in_channels"] == 192 and dit["audio_acoustic_hidden_dim"] == 64
+    latent = dit["audio_acoustic_hidden_dim"]
+    assert dit["in_channels"] == 3 * latent and dit["timbre_hidden_dim"] == latent
     assert dit["pool_window_size"] == 5 and dit["patch_size"] == 2
     assert dit["sliding_window"] == 8
     assert dit["layer_types"] == ["sliding_attention", "full_attention"] * 12
@@ -98,7 +87,7 @@ def test_configs_keep_the_fixed_audio_geometry(tiny_checkpoint: Path) -> None:
     vae = config(tiny_checkpoint, "vae")
     assert vae["_class_name"] == "AutoencoderOobleck"
     assert vae["downsampling_ratios"] == [2, 4, 4, 6, 10]
-    assert vae["decoder_input_channels"] == 64 and vae["encoder_hidden_size"] == 128
+    assert vae["decoder_input_channels"] == latent and vae["encoder_hidden_size"] == 2 * latent
     assert vae["audio_channels"] == 2 and vae["sampling_rate"] == 48000
 
 
@@ -106,7 +95,7 @@ def test_silence_latent_is_in_the_official_format(tiny_checkpoint: Path) -> None
     silence = torch.load(
         tiny_checkpoint / "acestep-v15-turbo" / "silence_latent.pt", weights_only=True
     )
-    assert silence.dtype == torch.float32 and silence.shape == (1, 64, 15000)
+    assert silence.dtype == torch.float32 and silence.shape == (1, LATENT_CHANNELS, 15000)
     constant = silence[0, :, 4]
     assert torch.equal(silence[0, :, 4:], constant[:, None].expand(-1, 14996))
     for frame in range(4):
@@ -129,38 +118,26 @@ def test_tokenizer_loads_with_autotokenizer_and_fits_the_vocabulary(
     assert tokenizer.decode(ids, skip_special_tokens=True) == "héllo wörld ♪ 漢字"
 
 
-def test_models_load_the_tiny_weights_strictly(tiny_checkpoint: Path) -> None:
-    dit = load_dit(tiny_checkpoint)
-    vae = load_vae(tiny_checkpoint)
-    assert not any(p.is_meta for p in [*dit.parameters(), *vae.parameters()])
-    text = TextEncoder.load(tiny_checkpoint / "Qwen3-Embedding-0.6B", "cpu", torch.float32)
-    assert text.model.config.num_hidden_layers == 28
+def test_models_load_the_tiny_weights_strictly(pipeline: Pipeline) -> None:
+    parameters = [*pipeline.model.parameters(), *pipeline.vae.parameters()]
+    assert not any(p.is_meta for p in parameters)
+    assert pipeline.text.model.config.num_hidden_layers == 28
 
 
-def test_tiny_checkpoint_makes_finite_audible_audio(tiny_checkpoint: Path) -> None:
-    dit, vae = load_dit(tiny_checkpoint), load_vae(tiny_checkpoint)
-    text = TextEncoder.load(tiny_checkpoint / "Qwen3-Embedding-0.6B", "cpu", torch.float32)
-    silence = torch.load(tiny_checkpoint / "acestep-v15-turbo" / "silence_latent.pt")
-    silence = silence.transpose(1, 2)  # [1, 15000, 64]
+def test_tiny_checkpoint_makes_finite_audible_audio(pipeline: Pipeline) -> None:
     frames = 128
+    params = GenerationParams(
+        caption="jazz piano", lyrics="[verse]\nHello", bpm=120, key="C major", duration_s=5, seed=7
+    )
     with torch.inference_mode():
-        caption, caption_mask = text.encode_caption(
-            [caption_prompt("jazz piano", render_metas(120, "4", "C major", 5))]
-        )
-        lyrics, lyric_mask = text.embed_lyrics([lyrics_prompt("[verse]\nHello", "en")])
-        condition, _ = dit.encode_condition(
-            caption, caption_mask, lyrics, lyric_mask, silence[:, :750], torch.tensor([0])
-        )
-        context = dit.build_context(silence[:, :frames], torch.ones(1, frames))
-        noise = draw_noise([7], frames, 64, "cpu", torch.float32)
-        latents = sample_turbo(dit, noise, condition, context, 3.0)  # [1, T, 64]
-        audio = vae.decode(latents.transpose(1, 2))  # [1, 2, T·1920]
-        mean, _ = vae.encode(audio[..., : 2 * 1920].clamp(-1, 1))
+        latents = pipeline.diffuse(pipeline.prepare(params))  # [1, T, C]
+        audio = pipeline.vae.decode(latents.transpose(1, 2))  # [1, 2, T·1920]
+        mean, _ = pipeline.vae.encode(audio[..., : 2 * 1920].clamp(-1, 1))
     assert torch.isfinite(latents).all() and 0.1 < latents.std() < 10
     assert audio.shape == (1, 2, frames * 1920)
     assert torch.isfinite(audio).all() and audio.std() > 1e-3
     assert 0.05 < audio.abs().max() < 5
-    assert mean.shape == (1, 64, 2) and 0.05 < mean.std() < 20
+    assert mean.shape == (1, LATENT_CHANNELS, 2) and 0.05 < mean.std() < 20
 
 
 def test_same_seed_writes_identical_files_in_seconds(tmp_path: Path) -> None:

@@ -1,0 +1,125 @@
+"""`acestep generate`: the one-shot CLI writes real files from the tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file, save_file
+
+from acestep_daemon.audio import SUPPORTED_EXTENSIONS
+from acestep_daemon.constants import SAMPLE_RATE
+
+
+def generate(checkpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "acestep_daemon", "generate", "--model-dir", str(checkpoint)]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def summary(result: subprocess.CompletedProcess[str]) -> dict:
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    return json.loads(lines[0])
+
+
+@pytest.mark.parametrize("extension", SUPPORTED_EXTENSIONS)
+def test_generate_writes_each_format(tiny_checkpoint, tmp_path, extension):
+    output = tmp_path / "nested" / f"song{extension}"
+    result = generate(tiny_checkpoint, "-c", "warm jazz", "-d", "3", "-s", "1", "-o", str(output))
+    answer = summary(result)
+    assert answer["ok"] is True
+    assert answer["path"] == str(output)
+    assert answer["sample_rate"] == SAMPLE_RATE and answer["channels"] == 2
+    assert answer["seed"] == 1 and answer["duration_s"] == pytest.approx(3.0)
+    info = sf.info(output)
+    assert info.samplerate == SAMPLE_RATE and info.channels == 2
+    assert info.duration == pytest.approx(3.0, abs=0.1)  # lossy codecs pad a little
+    data, _ = sf.read(output, dtype="float32")
+    assert abs(data).max() > 0.001
+    assert [p.name for p in output.parent.iterdir()] == [output.name]
+
+
+def test_generate_writes_a_minute_of_vorbis(tiny_checkpoint, tmp_path):
+    output = tmp_path / "long.ogg"
+    answer = summary(
+        generate(tiny_checkpoint, "-c", "ambient drone", "-d", "62", "-o", str(output))
+    )
+    info = sf.info(output)
+    assert info.format == "OGG" and info.subtype == "VORBIS"
+    assert info.duration == pytest.approx(62.0, abs=0.1)
+    assert answer["duration_s"] == pytest.approx(62.0)
+
+
+def test_same_seed_is_bit_identical_across_processes(tiny_checkpoint, tmp_path):
+    outputs = [tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "c.wav"]
+    for output, seed in zip(outputs, ("42", "42", "43"), strict=True):
+        summary(
+            generate(
+                tiny_checkpoint,
+                "-c",
+                "rock",
+                "-d",
+                "2",
+                "-s",
+                seed,
+                "--float-wav",
+                "-o",
+                str(output),
+            )
+        )
+    first, second, other = (sf.read(path, dtype="float32")[0] for path in outputs)
+    assert sf.info(outputs[0]).subtype == "FLOAT"
+    assert (first == second).all()
+    assert not (first == other).all()
+
+
+def test_unwritable_output_fails_without_a_partial_file(tiny_checkpoint, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be")
+    result = generate(tiny_checkpoint, "-c", "x", "-d", "2", "-o", str(blocker / "out.wav"))
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert "not-a-folder" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]
+
+
+def test_unknown_extension_is_rejected(tiny_checkpoint, tmp_path):
+    result = generate(tiny_checkpoint, "-c", "x", "-d", "2", "-o", str(tmp_path / "out.aac"))
+    assert result.returncode != 0
+    assert "output must end in one of .wav" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_output_is_an_error_and_no_file(tiny_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    weights_path = broken / "acestep-v15-turbo" / "model.safetensors"
+    weights = load_file(weights_path)
+    weights["decoder.proj_out.1.bias"] = torch.full_like(
+        weights["decoder.proj_out.1.bias"], float("nan")
+    )
+    save_file(weights, weights_path)
+    output = tmp_path / "out.wav"
+    result = generate(broken, "-c", "x", "-d", "2", "-o", str(output))
+    assert result.returncode != 0
+    assert "NaN" in result.stderr
+    assert not output.exists()
+
+
+def test_missing_checkpoint_file_is_named(tiny_checkpoint, tmp_path):
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tiny_checkpoint, incomplete)
+    (incomplete / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    result = generate(incomplete, "-c", "x", "-d", "2", "-o", str(tmp_path / "out.wav"))
+    assert result.returncode != 0
+    assert "vae/diffusion_pytorch_model.safetensors" in result.stderr
+    assert not (tmp_path / "out.wav").exists()
