@@ -199,3 +199,21 @@ def test_acestep_request_prints_the_answer(daemon: Daemon, tmp_path: Path):
     assert "progress" in lines[0] and lines[-1]["ok"] is True
     refused = acestep("request", "--json", '{"caption": "x", "output": "relative.wav"}', *sock)
     assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == "invalid_request"
+
+
+def test_hangup_while_running_cancels_between_steps(daemon: Daemon, tmp_path: Path):
+    before = daemon.status()
+    output = tmp_path / "abandoned.wav"
+    request = {"caption": "abandoned", "duration_s": 60, "progress": True, "output": str(output)}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(daemon.socket))
+        client.sendall(json.dumps(request).encode() + b"\n")
+        client.shutdown(socket.SHUT_WR)
+        client.recv(1)  # the job is running
+    deadline = time.monotonic() + 30
+    while (status := daemon.status())["busy"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert status["cancelled"] == before["cancelled"] + 1
+    assert status["generated"] == before["generated"]
+    assert not output.exists()
