@@ -252,6 +252,11 @@ class GenerationManager:
         return not self._thread.is_alive()
 
     @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._jobs)
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 

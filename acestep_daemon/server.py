@@ -390,6 +390,11 @@ class Server:
         finally:
             self._watcher.unwatch(fd)
         _log_request(request, payload)
+        counts = self.manager.counters
+        sdnotify.notify(
+            f"STATUS={counts.generated} generated, {counts.failed} failed, "
+            f"{self.manager.queue_depth} waiting"
+        )
         if isinstance(payload, JobResult):
             return _success(payload)
         return wire_error(payload)
