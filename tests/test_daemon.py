@@ -217,3 +217,10 @@ def test_hangup_while_running_cancels_between_steps(daemon: Daemon, tmp_path: Pa
     assert status["cancelled"] == before["cancelled"] + 1
     assert status["generated"] == before["generated"]
     assert not output.exists()
+
+
+def test_invalid_request_found_by_the_pipeline_is_answered_as_such(daemon: Daemon):
+    answer = daemon.ask({"caption": "x", "duration_s": 1, "time_signature": "banana"})
+    assert answer["ok"] is False and answer["code"] == "invalid_request"
+    assert "time_signature" in answer["error"]
+    assert daemon.ask({"command": "ping"})["ok"]
