@@ -62,6 +62,8 @@ def test_socat_request_gets_one_line_naming_valid_audio(daemon: Daemon, tmp_path
     assert set(answer["timings"]) >= {"text", "diffusion", "vae"}
     assert answer["device"] == "cpu"
     assert_complete_audio(output, DURATION_S)
+    logged = [line for line in daemon.stderr().splitlines() if str(output) in line]
+    assert len(logged) == 1 and "'ambient piano' duration=1s seed=7" in logged[0], logged
 
 
 def test_request_without_output_is_spooled(daemon: Daemon):
