@@ -238,3 +238,21 @@ def test_idle_unload_frees_the_pipeline_and_the_next_request_reloads(
         answer = daemon.ask({"caption": "after idle", "duration_s": 1})
         assert answer["ok"], answer
         assert daemon.status()["loads"] == 2
+
+
+def test_running_job_past_the_grace_period_is_stopped(tmp_path: Path, tiny_checkpoint: Path):
+    args = ("--model-dir", str(tiny_checkpoint), "--shutdown-grace", "0.2")
+    daemon = spawn(tmp_path, *args)
+    daemon.wait_ready()
+    output = tmp_path / "cut.wav"
+    request = {"caption": "long", "duration_s": 120, "progress": True, "output": str(output)}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(daemon.socket))
+        client.sendall(json.dumps(request).encode() + b"\n")
+        client.shutdown(socket.SHUT_WR)
+        client.recv(1)  # running
+        daemon.proc.send_signal(signal.SIGINT)
+        answers = client.makefile("rb").read().splitlines()
+    assert json.loads(answers[-1])["code"] == "shutting_down"
+    assert daemon.proc.wait(60) == 0
+    assert not output.exists() and not daemon.socket.exists()
