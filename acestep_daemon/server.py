@@ -278,11 +278,15 @@ class Server:
         assert task is not None
         self._connections.add(task)
         try:
-            answer = await self._answer(reader, writer)
+            try:
+                answer = await self._answer(reader, writer)
+            except Exception as error:  # never leave a caller without an answer
+                logger.exception("request failed")
+                answer = wire_error(error)
             if answer is not None:
                 await _send(writer, answer)
-        except Exception:
-            logger.exception("connection failed")
+        except ConnectionError:
+            logger.info("the client hung up before its answer")
         finally:
             self._connections.discard(task)
             writer.close()
