@@ -104,12 +104,16 @@ class Job:
     retries: int = 0
     chunk: int = VAE_CHUNK_FRAMES
     fallback: str | None = None
-    _finished: threading.Event = field(default_factory=threading.Event)
+    _finished: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def finish(self, result: JobResult | BaseException) -> None:
-        if not self._finished.is_set():
-            self._finished.set()
-            self.on_done(result)
+        """Answer the job; later calls (a cancel racing the end) are ignored."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        self.on_done(result)
 
 
 @dataclass
