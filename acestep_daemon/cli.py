@@ -77,6 +77,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
 
+    socket_path = args.socket or paths.default_socket_path()
+    activated = os.environ.get("LISTEN_PID") == str(os.getpid())
+    if not activated and paths.daemon_answers(socket_path):
+        logger.error("a daemon is already listening on %s", socket_path)
+        return 1
+
     from acestep_daemon import server
     from acestep_daemon.checkpoint import resolve_checkpoint
     from acestep_daemon.manager import GenerationManager, inject_from_env
@@ -108,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return server.serve(
             manager,
-            args.socket or paths.default_socket_path(),
+            socket_path,
             socket_mode=args.socket_mode,
             allow_uids=args.allow_uid,
             allow_gids=args.allow_gid,

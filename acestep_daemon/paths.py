@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,17 @@ def default_socket_path() -> Path:
     if runtime := os.environ.get("XDG_RUNTIME_DIR"):
         return Path(runtime) / SOCKET_NAME
     return LEGACY_SOCKET
+
+
+def daemon_answers(path: Path) -> bool:
+    """True when something accepts connections on the socket path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def spool_dir() -> Path:

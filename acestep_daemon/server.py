@@ -106,23 +106,12 @@ def output_path(request: protocol.GenerateRequest) -> Path:
     return path
 
 
-def probe(path: Path) -> bool:
-    """True when something accepts connections on the socket path."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def bind_socket(path: Path, mode: int) -> socket.socket:
     """Bind a fresh listening socket with `mode`; refuse if a live daemon answers there."""
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise AlreadyRunning(f"{path} exists and is not a socket; refusing to replace it")
-        if probe(path):
+        if paths.daemon_answers(path):
             raise AlreadyRunning(f"a daemon is already listening on {path}")
         logger.info("removing stale socket %s", path)
         path.unlink()
