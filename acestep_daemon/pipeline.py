@@ -143,6 +143,20 @@ def load_module(module: nn.Module, weights: Path, device: torch.device, dtype: t
     return module.eval().requires_grad_(False)
 
 
+def repaint_window(
+    start_s: float | None, end_s: float | None, source_samples: int
+) -> tuple[int, int, int, int]:
+    """(left pad, right pad, start frame, end frame) of a repaint, in padded coordinates.
+
+    A start before 0 or an end after the source pads it with silence (outpainting);
+    no end, or a negative one, means the end of the source (MODEL.md §7.1).
+    """
+    start = round((start_s or 0.0) * SAMPLE_RATE)
+    end = source_samples if end_s is None or end_s < 0 else round(end_s * SAMPLE_RATE)
+    left, right = max(0, -start), max(0, end - source_samples)
+    return left, right, (start + left) // LATENT_HOP, (end + left) // LATENT_HOP
+
+
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
@@ -190,7 +204,9 @@ class Pipeline:
             vae, checkpoint.vae_dir / "diffusion_pytorch_model.safetensors", device, dtype
         )
         text = TextEncoder.load(checkpoint.text_dir, device, dtype)
-        silence = torch.load(checkpoint.dit_dir / "silence_latent.pt", weights_only=True)
+        silence = torch.load(
+            checkpoint.dit_dir / "silence_latent.pt", map_location="cpu", weights_only=True
+        )
         silence = silence.transpose(1, 2).to(device, dtype)  # [1, 64, F] -> [1, F, 64]
         logger.info("pipeline loaded on %s (%s) from %s", device, dtype, checkpoint.root)
         return cls(checkpoint, text, model, vae, silence, device, dtype)
@@ -236,11 +252,21 @@ class Pipeline:
             chunk_mask = torch.ones(1, frames, device=self.device, dtype=self.dtype)
             hints = None
         else:
-            source, duration_s = self._source_audio(params)
-            clean = self._encode_audio(source)  # [1, T, 64]
+            source = self._read_source(params.src_audio, "src_audio")  # [2, S]
+            if params.task == "repaint":
+                left, right, start_f, end_f = repaint_window(
+                    params.repaint_start_s, params.repaint_end_s, source.shape[1]
+                )
+                source = torch.nn.functional.pad(source, (left, right))
+            duration_s = source.shape[1] / SAMPLE_RATE
+            if duration_s > MAX_DURATION_S:
+                raise InvalidRequest(
+                    f"source audio is {duration_s:.1f} s long; at most {MAX_DURATION_S:.0f} s"
+                )
+            clean = self._encode_audio(source.to(self.device))  # [1, T, C]
             frames = clean.shape[1]
             if params.task == "repaint":
-                src_latents, chunk_mask, repaint = self._repaint_inputs(params, clean, source)
+                src_latents, chunk_mask, repaint = self._repaint_inputs(clean, start_f, end_f)
                 hints = None
             else:
                 src_latents = clean
@@ -285,22 +311,13 @@ class Pipeline:
             timings={"text": time.perf_counter() - start},
         )
 
-    def _source_audio(self, params: GenerationParams) -> tuple[torch.Tensor, float]:
-        """The source of repaint/cover as [2, S] on the device, padded for outpainting."""
-        source = read_audio(params.src_audio, SAMPLE_RATE)  # [2, S]
-        if params.task == "repaint":
-            start = params.repaint_start_s or 0.0
-            end = params.repaint_end_s
-            length_s = source.shape[1] / SAMPLE_RATE
-            left = max(0, round(-start * SAMPLE_RATE))
-            right = max(0, round((end - length_s) * SAMPLE_RATE)) if end is not None else 0
-            source = torch.nn.functional.pad(source, (left, right))
-        duration_s = source.shape[1] / SAMPLE_RATE
-        if duration_s > MAX_DURATION_S:
-            raise InvalidRequest(
-                f"source audio is {duration_s:.1f} s long; at most {MAX_DURATION_S:.0f} s"
-            )
-        return source.to(self.device), duration_s
+    @staticmethod
+    def _read_source(path: Path, field: str) -> torch.Tensor:
+        """An input audio file as [2, S]; clips shorter than one latent frame are refused."""
+        audio = read_audio(path, SAMPLE_RATE)  # [2, S]
+        if audio.shape[1] < LATENT_HOP:
+            raise InvalidRequest(f"{field} {path} is shorter than {LATENT_HOP} samples")
+        return audio
 
     def _encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """Waveform [2, S] → latents [1, T, 64] (T ≥ 128, silence-padded), VAE mean."""
@@ -313,18 +330,12 @@ class Pipeline:
         return latents
 
     def _repaint_inputs(
-        self, params: GenerationParams, clean: torch.Tensor, source: torch.Tensor
+        self, clean: torch.Tensor, start_f: int, end_f: int
     ) -> tuple[torch.Tensor, torch.Tensor, RepaintInputs]:
         """Source latents with a silenced hole, the chunk mask and the injection inputs (§7.1)."""
         frames = clean.shape[1]
-        start_s = max(params.repaint_start_s or 0.0, 0.0)
-        end_s = params.repaint_end_s
-        if end_s is None or end_s < 0:
-            end_s = source.shape[1] / SAMPLE_RATE
-        # Coordinates move with the left padding of outpainting.
-        shift_s = max(0.0, -(params.repaint_start_s or 0.0))
-        start_f = min(max(int((start_s + shift_s) * SAMPLE_RATE // LATENT_HOP), 0), frames - 1)
-        end_f = min(max(int((end_s + shift_s) * SAMPLE_RATE // LATENT_HOP), start_f + 1), frames)
+        start_f = min(max(start_f, 0), frames - 1)
+        end_f = min(max(end_f, start_f + 1), frames)
         inside = torch.zeros(1, frames, dtype=torch.bool, device=self.device)
         inside[:, start_f:end_f] = True
         src_latents = torch.where(inside[..., None], self.silence_latent[:, :frames], clean)
@@ -339,7 +350,7 @@ class Pipeline:
         """
         if path is None:
             return self.silence_latent[:, :REFERENCE_FRAMES]
-        audio = read_audio(path, SAMPLE_RATE)  # [2, S]
+        audio = self._read_source(path, "reference_audio")  # [2, S]
         if audio.abs().max() < SILENT_PEAK:
             return self.silence_latent[:, :REFERENCE_FRAMES]
         segment = int(REFERENCE_SEGMENT_S * SAMPLE_RATE)

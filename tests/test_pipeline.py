@@ -13,7 +13,7 @@ from acestep_daemon.audio import write_audio
 from acestep_daemon.checkpoint import resolve_checkpoint
 from acestep_daemon.constants import LATENT_HOP, SAMPLE_RATE
 from acestep_daemon.errors import GenerationFailed, InvalidRequest
-from acestep_daemon.pipeline import GenerationParams, Pipeline, latent_frames
+from acestep_daemon.pipeline import GenerationParams, Pipeline, latent_frames, repaint_window
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +180,42 @@ def test_written_file_round_trips(pipeline, tmp_path):
     data, rate = sf.read(path, dtype="float32", always_2d=True)
     assert rate == SAMPLE_RATE
     np.testing.assert_array_equal(data.T, audio.samples.numpy())
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "window"),
+    [
+        (2.0, 3.0, (0, 0, 50, 75)),
+        (-2.0, 3.0, (96_000, 0, 0, 125)),  # outpaint an intro: frames from the padded start
+        (-2.0, 0.0, (96_000, 0, 0, 50)),
+        (4.0, 8.0, (0, 96_000, 100, 200)),  # outpaint past the end
+        (1.0, None, (0, 0, 25, 150)),
+    ],
+)
+def test_repaint_window_counts_frames_in_padded_coordinates(start, end, window):
+    assert repaint_window(start, end, 6 * SAMPLE_RATE) == window
+
+
+def test_left_outpainting_regenerates_the_added_intro(pipeline, source_audio):
+    cond = pipeline.prepare(
+        GenerationParams(
+            caption="intro",
+            task="repaint",
+            src_audio=source_audio,
+            repaint_start_s=-2.0,
+            repaint_end_s=0.0,
+            seed=1,
+        )
+    )
+    inside = torch.nonzero(cond.repaint.mask[0]).squeeze(-1)
+    assert (int(inside[0]), int(inside[-1]) + 1) == (0, 50)
+    assert cond.duration_s == pytest.approx(8.0)
+
+
+def test_too_short_source_is_an_invalid_request(pipeline, tmp_path):
+    blip = tmp_path / "blip.wav"
+    sf.write(blip, np.zeros((100, 2)), SAMPLE_RATE)
+    with pytest.raises(InvalidRequest, match="src_audio"):
+        pipeline.generate(GenerationParams(caption="x", task="cover", src_audio=blip))
+    with pytest.raises(InvalidRequest, match="reference_audio"):
+        pipeline.generate(GenerationParams(caption="x", duration_s=2, reference_audio=blip))
