@@ -11,28 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from acestep_daemon.protocol import CommandRequest, GenerateRequest
 from tests.daemon_harness import Daemon, running, send
 
-FIELDS = (
-    "caption",
-    "lyrics",
-    "metas",
-    "language",
-    "duration_s",
-    "shift",
-    "seed",
-    "output",
-    "bpm",
-    "key",
-    "time_signature",
-    "reference_audio",
-    "src_audio",
-    "repaint_start_s",
-    "repaint_end_s",
-    "task",
-    "progress",
-    "command",
-)
+FIELDS = (*GenerateRequest.model_fields, *CommandRequest.model_fields)
 
 json_values = st.recursive(
     st.none()
