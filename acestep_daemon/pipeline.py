@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 from acestep_daemon.audio import read_audio
@@ -131,14 +131,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_module(module: nn.Module, weights: Path, device: torch.device, dtype: torch.dtype):
+def load_module(
+    module: nn.Module, weights: Path, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
     """Load a meta-constructed module from safetensors straight onto `device` in `dtype`.
 
     Tensors are converted one by one, so the peak is the model plus one tensor.
     """
-    state = load_file(weights, device=str(device))
-    for name, tensor in state.items():
-        state[name] = tensor.to(dtype)
+    with safe_open(weights, framework="pt", device=str(device)) as tensors:
+        state = {name: tensors.get_tensor(name).to(dtype) for name in tensors.keys()}  # noqa: SIM118
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
