@@ -297,8 +297,7 @@ class Pipeline:
             reference,
             torch.zeros(1, dtype=torch.long, device=self.device),
         )
-        is_cover = torch.tensor([hints is not None], device=self.device)
-        context = self.model.build_context(src_latents, chunk_mask, hints, is_cover)
+        context = self.model.build_context(src_latents, chunk_mask, hints)
         noise = draw_noise([seed], frames, src_latents.shape[-1], self.device, self.dtype)
         _synchronize(self.device)
         return Conditioning(
@@ -320,10 +319,13 @@ class Pipeline:
             raise InvalidRequest(f"{field} {path} is shorter than {LATENT_HOP} samples")
         return audio
 
+    def _vae_mean(self, audio: torch.Tensor) -> torch.Tensor:
+        """Waveform [2, S] → VAE posterior mean as latents [1, S // 1920, 64]."""
+        return self.vae.tiled_encode(audio[None].to(self.device, self.dtype)).transpose(1, 2)
+
     def _encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """Waveform [2, S] → latents [1, T, 64] (T ≥ 128, silence-padded), VAE mean."""
-        mean = self.vae.tiled_encode(audio[None].to(self.dtype))  # [1, 64, T]
-        latents = mean.transpose(1, 2).to(self.dtype)  # [1, T, 64]
+        latents = self._vae_mean(audio)  # [1, T, 64]
         frames = latents.shape[1]
         if frames < MIN_LATENT_FRAMES:
             pad = self.silence_latent[:, frames:MIN_LATENT_FRAMES]
@@ -364,9 +366,8 @@ class Pipeline:
         for i in range(3):
             offset = i * third + rng.randint(0, max(third - segment, 0))
             pieces.append(audio[:, offset : offset + segment])
-        clip = torch.cat(pieces, dim=1).to(self.device, self.dtype)  # [2, 1_440_000]
-        mean = self.vae.tiled_encode(clip[None])  # [1, 64, 750]
-        return mean.transpose(1, 2).to(self.dtype)[:, :REFERENCE_FRAMES]
+        clip = torch.cat(pieces, dim=1)  # [2, 1_440_000]
+        return self._vae_mean(clip)[:, :REFERENCE_FRAMES]  # [1, 750, 64]
 
     # -- stage 2: diffusion -----------------------------------------------------------
 
@@ -405,8 +406,7 @@ class Pipeline:
     ) -> Audio:
         """Tiled VAE decode, checks, anti-clipping and crop ("vae" stage)."""
         start = time.perf_counter()
-        vae_param = next(self.vae.parameters())
-        latents = latents.transpose(1, 2).to(vae_param.device, vae_param.dtype)  # [1, 64, T]
+        latents = latents.transpose(1, 2).to(self.device, self.dtype)  # [1, 64, T]
 
         def on_chunk(index: int, total: int) -> None:
             if progress:
