@@ -40,6 +40,7 @@ from acestep_daemon.constants import (
 from acestep_daemon.errors import GenerationFailed, InvalidRequest
 from acestep_daemon.model import AceStepModel
 from acestep_daemon.model.sampler import RepaintInputs, draw_noise, sample_turbo
+from acestep_daemon.model.vae import OobleckVAE
 from acestep_daemon.text import (
     INSTRUCTIONS,
     TextEncoder,
@@ -47,7 +48,6 @@ from acestep_daemon.text import (
     lyrics_prompt,
     metas_for_request,
 )
-from acestep_daemon.vae import OobleckVAE
 
 logger = logging.getLogger(__name__)
 

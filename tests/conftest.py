@@ -11,7 +11,7 @@ import torch
 @pytest.fixture(scope="session")
 def tiny_text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Only the tiny `Qwen3-Embedding-0.6B/` folder (tokenizer + tiny Qwen3)."""
-    from acestep_daemon.tiny_text import write_tiny_text_encoder
+    from acestep_daemon.tiny.text_encoder import write_tiny_text_encoder
 
     folder = tmp_path_factory.mktemp("tiny-text") / "Qwen3-Embedding-0.6B"
     write_tiny_text_encoder(folder, torch.Generator().manual_seed(0))

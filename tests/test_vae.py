@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from acestep_daemon.vae import OobleckVAE, Snake1d, WNConvTranspose1d
+from acestep_daemon.model.vae import OobleckVAE, Snake1d, WNConvTranspose1d
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_WEIGHTS = FIXTURES / "vae_tiny.safetensors"

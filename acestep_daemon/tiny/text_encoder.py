@@ -2,7 +2,7 @@
 
 The tokenizer is a byte-level BPE with the Qwen2 pre-tokenizer split, trained in
 milliseconds on a built-in text, with the three special tokens the front-end
-uses. Kept apart from tiny.py so the text front-end can be tested on its own.
+uses. Kept apart from `checkpoint.py` so the text front-end can be tested on its own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tokenizers.processors import TemplateProcessing
 from tokenizers.trainers import BpeTrainer
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
 
-from acestep_daemon.tiny_weights import random_weights, save_weights
+from acestep_daemon.tiny.weights import random_weights, save_weights
 
 TEXT_HIDDEN = 32
 """Width of the tiny Qwen3 (the real one is 1024); the DiT's text_hidden_dim follows it."""

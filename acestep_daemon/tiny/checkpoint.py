@@ -17,9 +17,9 @@ import torch
 from acestep_daemon.checkpoint import CheckpointPaths
 from acestep_daemon.constants import SAMPLE_RATE
 from acestep_daemon.model import AceStepModel
-from acestep_daemon.tiny_text import TEXT_HIDDEN, write_tiny_text_encoder
-from acestep_daemon.tiny_weights import random_weights, save_weights
-from acestep_daemon.vae import OobleckVAE
+from acestep_daemon.model.vae import OobleckVAE
+from acestep_daemon.tiny.text_encoder import TEXT_HIDDEN, write_tiny_text_encoder
+from acestep_daemon.tiny.weights import random_weights, save_weights
 
 SILENCE_FRAMES = 15_000
 """600 s of 25 Hz latents, as the real `silence_latent.pt`."""

@@ -1,0 +1,5 @@
+"""Tiny random checkpoints in the exact on-disk layout of the real ones (tests, CI, demos)."""
+
+from .checkpoint import LATENT_CHANNELS, make_tiny_checkpoint
+
+__all__ = ["LATENT_CHANNELS", "make_tiny_checkpoint"]
