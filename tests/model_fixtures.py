@@ -11,13 +11,16 @@ from safetensors.torch import load_file
 from acestep_daemon.model import AceStepModel
 
 TINY = Path(__file__).parent / "fixtures" / "acestep_tiny"
+TINY_XL = Path(__file__).parent / "fixtures" / "acestep_tiny_xl"
 RELATIVE_TOLERANCE = 1e-5
+SAMPLING_TOLERANCE = 1e-4
+"""Full sampling loops (several DiT calls, guidance, wavelets) are compared at 1e-4 of scale."""
 
 
-def load_tiny_model(**config_changes: object) -> AceStepModel:
-    """The fixture checkpoint in our model (meta construction, strict load with assign)."""
-    config = json.loads((TINY / "config.json").read_text()) | config_changes
-    return load_weights(config, load_file(TINY / "model.safetensors"))
+def load_tiny_model(folder: Path = TINY, **config_changes: object) -> AceStepModel:
+    """A fixture checkpoint in our model (meta construction, strict load with assign)."""
+    config = json.loads((folder / "config.json").read_text()) | config_changes
+    return load_weights(config, load_file(folder / "model.safetensors"))
 
 
 def load_weights(config: dict, state: dict[str, torch.Tensor]) -> AceStepModel:

@@ -1,4 +1,4 @@
-"""`AceStepModel`: the whole turbo checkpoint (decoder, encoder, tokenizer, detokenizer)."""
+"""`AceStepModel`: a whole DiT checkpoint (decoder, encoder, tokenizer, detokenizer)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from .tokenizer import AudioTokenizer, Detokenizer
 
 
 class AceStepModel(nn.Module):
-    """ACE-Step v1.5 turbo (official `AceStepConditionGenerationModel`).
+    """Any ACE-Step v1.5 DiT: 2 B or XL, turbo, sft or base (official
+    `AceStepConditionGenerationModel`; the variants share one module tree and key names).
 
     Attribute names are the checkpoint's key prefixes, and the module owns no buffers, so
     `with torch.device("meta"): AceStepModel.from_config(cfg)` followed by
@@ -30,11 +31,12 @@ class AceStepModel(nn.Module):
         super().__init__()
         self.config = config
         self.decoder = DiT(config)
-        self.encoder = ConditionEncoder(config)
-        self.tokenizer = AudioTokenizer(config)
-        self.detokenizer = Detokenizer(config)
-        # Learned unconditional embedding for CFG; in the checkpoint, unused by turbo sampling.
-        self.null_condition_emb = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        encoder_config = config.for_encoder()
+        self.encoder = ConditionEncoder(encoder_config)
+        self.tokenizer = AudioTokenizer(encoder_config)
+        self.detokenizer = Detokenizer(encoder_config)
+        # Learned unconditional condition: the null half of the guided (sft/base) batch.
+        self.null_condition_emb = nn.Parameter(torch.randn(1, 1, config.encoder_width))
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | AceStepConfig) -> AceStepModel:

@@ -99,7 +99,7 @@ class DiT(nn.Module):
         )
         self.time_embed = TimestepEmbedding(TIMESTEP_FEATURES, dim)
         self.time_embed_r = TimestepEmbedding(TIMESTEP_FEATURES, dim)
-        self.condition_embedder = nn.Linear(dim, dim)
+        self.condition_embedder = nn.Linear(config.encoder_width, dim)
         self.norm_out = RMSNorm(dim, config.rms_norm_eps)
         self.proj_out = nn.Sequential(
             Transpose(),
@@ -116,7 +116,7 @@ class DiT(nn.Module):
         encoder_hidden: torch.Tensor,
         context: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, T, 64] noisy latents, timestep/timestep_r [B], encoder_hidden [B, S, D],
+        """x [B, T, 64] noisy latents, timestep/timestep_r [B], encoder_hidden [B, S, De],
         context [B, T, 128] (source latents, chunk mask) -> velocity [B, T, 64]."""
         temb_t, modulation_t = self.time_embed(timestep)
         temb_r, modulation_r = self.time_embed_r(timestep - timestep_r)

@@ -62,19 +62,26 @@ class LyricEncoder(EncoderStack):
 
 
 class TimbreEncoder(EncoderStack):
-    """Reference latents -> one timbre vector per reference, unpacked per batch item."""
+    """Reference latents -> one timbre vector per reference, unpacked per batch item.
+
+    XL prepends `special_token` as a CLS token and reads the output there; the 2 B models keep
+    the parameter in the checkpoint but read the output at the first reference frame.
+    """
 
     def __init__(self, config: AceStepConfig) -> None:
         super().__init__(config, config.timbre_hidden_dim, config.num_timbre_encoder_hidden_layers)
-        # In the checkpoint but unused: the official forward prepends no CLS token.
         self.special_token = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        self.prepend_cls = config.is_xl
 
     def forward(
         self, refer_latents: torch.Tensor, refer_order: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """refer_latents [N, Tr, 64], refer_order [N] (batch item of each reference) ->
         (timbre [B, M, D], mask [B, M] long), M = most references of one item."""
-        pooled = self.run_layers(self.embed_tokens(refer_latents))[:, 0]  # frame 0: [N, D]
+        x = self.embed_tokens(refer_latents)  # [N, Tr, D]
+        if self.prepend_cls:
+            x = torch.cat([self.special_token.expand(x.shape[0], 1, -1), x], dim=1)
+        pooled = self.run_layers(x)[:, 0]  # CLS (XL) or frame 0 (2 B): [N, D]
         return unpack_references(pooled, refer_order)
 
 

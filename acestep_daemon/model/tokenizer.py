@@ -7,6 +7,7 @@ soft clamp then hard clamp); its constants are computed per call, so the module 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import AceStepConfig
@@ -48,12 +49,19 @@ def fsq_codes(indices: torch.Tensor, levels: torch.Tensor, dtype: torch.dtype) -
 
 
 class ResidualFSQ(nn.Module):
-    """project_in -> soft clamp -> FSQ per quantizer on the scaled residual -> project_out."""
+    """project_in -> soft clamp -> FSQ per quantizer on the scaled residual -> project_out.
 
-    def __init__(self, dim: int, levels: tuple[int, ...], num_quantizers: int) -> None:
+    With `float32` (XL) the whole forward, projections included, runs in float32 and the
+    result is cast back to the input dtype, as the official XL tokenizer does.
+    """
+
+    def __init__(
+        self, dim: int, levels: tuple[int, ...], num_quantizers: int, float32: bool = False
+    ) -> None:
         super().__init__()
         self.levels = levels
         self.num_quantizers = num_quantizers
+        self.float32 = float32
         self.project_in = nn.Linear(dim, len(levels))
         self.project_out = nn.Linear(len(levels), dim)
 
@@ -65,7 +73,22 @@ class ResidualFSQ(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, T, D] -> (quantized [N, T, D], indices [N, T, num_quantizers] int32)."""
-        z = self.project_in(x)  # [N, T, C]
+        if self.float32 and x.dtype != torch.float32:
+            quantized, indices = self._quantize(x.float(), torch.float32)
+            return quantized.to(x.dtype), indices
+        return self._quantize(x, None)
+
+    def _quantize(
+        self, x: torch.Tensor, weight_dtype: torch.dtype | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantizer with the projection weights cast to `weight_dtype` (None: as stored)."""
+
+        def linear(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+            if weight_dtype is None:
+                return layer(h)
+            return F.linear(h, layer.weight.to(weight_dtype), layer.bias.to(weight_dtype))
+
+        z = linear(self.project_in, x)  # [N, T, C]
         levels, clamp, scales = self._constants(z.dtype, z.device)
         residual = (z / clamp).tanh() * clamp
         quantized: torch.Tensor | float = 0.0
@@ -76,7 +99,7 @@ class ResidualFSQ(nn.Module):
             residual = residual - codes
             quantized = quantized + codes
             indices.append(index)
-        return self.project_out(quantized), torch.stack(indices, dim=-1)
+        return linear(self.project_out, quantized), torch.stack(indices, dim=-1)
 
     def dequantize(self, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """indices [N, T, num_quantizers] -> quantized [N, T, D] (official
@@ -110,7 +133,10 @@ class AudioTokenizer(nn.Module):
         self.audio_acoustic_proj = nn.Linear(config.audio_acoustic_hidden_dim, config.hidden_size)
         self.attention_pooler = AttentionPooler(config)
         self.quantizer = ResidualFSQ(
-            config.fsq_dim, config.fsq_input_levels, config.fsq_input_num_quantizers
+            config.fsq_dim,
+            config.fsq_input_levels,
+            config.fsq_input_num_quantizers,
+            float32=config.is_xl,
         )
 
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

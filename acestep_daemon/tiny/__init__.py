@@ -1,5 +1,5 @@
 """Tiny random checkpoints in the exact on-disk layout of the real ones (tests, CI, demos)."""
 
-from .checkpoint import LATENT_CHANNELS, make_tiny_checkpoint
+from .checkpoint import LATENT_CHANNELS, VARIANTS, dit_config, dit_folder, make_tiny_checkpoint
 
-__all__ = ["LATENT_CHANNELS", "make_tiny_checkpoint"]
+__all__ = ["LATENT_CHANNELS", "VARIANTS", "dit_config", "dit_folder", "make_tiny_checkpoint"]

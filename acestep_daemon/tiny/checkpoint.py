@@ -84,6 +84,49 @@ DIT_CONFIG: dict = {
 }
 """Every field of the real turbo config.json; tiny widths, the real depths."""
 
+_XL_DIT_LAYERS = 32
+XL_DIT_WIDTHS: dict = {
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": _XL_DIT_LAYERS,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "num_audio_decoder_hidden_layers": _XL_DIT_LAYERS,
+    "layer_types": [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(_XL_DIT_LAYERS)
+    ],
+    "encoder_hidden_size": DIT_CONFIG["hidden_size"],
+    "encoder_intermediate_size": DIT_CONFIG["intermediate_size"],
+    "encoder_num_attention_heads": DIT_CONFIG["num_attention_heads"],
+    "encoder_num_key_value_heads": DIT_CONFIG["num_key_value_heads"],
+}
+"""What an XL config.json changes: a wider, deeper decoder (4:1 heads, 32 layers) and the four
+`encoder_*` fields, which keep the encoder side at the 2 B widths (tiny here)."""
+
+_KIND_FIELDS: dict[str, dict] = {
+    "turbo": {"model_version": "turbo", "is_turbo": True},
+    "sft": {"model_version": "sft", "is_turbo": False},
+    "base": {"model_version": "base", "is_turbo": False},
+}
+
+VARIANTS: tuple[str, ...] = ("turbo", "sft", "base", "xl-turbo", "xl-sft", "xl-base")
+"""The DiT checkpoints of the family; the tiny DiT folder is named `acestep-v15-<variant>`."""
+
+
+def dit_config(variant: str = "turbo") -> dict:
+    """The tiny config.json of one variant (the turbo one is `DIT_CONFIG` itself)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    kind = variant.removeprefix("xl-")
+    config = DIT_CONFIG | _KIND_FIELDS[kind]
+    return config | XL_DIT_WIDTHS if variant.startswith("xl-") else config
+
+
+def dit_folder(variant: str = "turbo") -> str:
+    """Folder name of a variant's DiT, as its Hugging Face repository names it."""
+    return f"acestep-v15-{variant}"
+
+
 VAE_CONFIG: dict = {
     "_class_name": "AutoencoderOobleck",
     "_diffusers_version": "0.34.0",
@@ -106,26 +149,30 @@ VAE_RESIDUAL_GAIN = 0.1
 VAE_OUTPUT_GAIN = 0.2
 
 
-def make_tiny_checkpoint(dest: Path, *, seed: int = 0) -> Path:
-    """Write the tiny checkpoint under `dest` (created if needed) and return `dest`.
+def make_tiny_checkpoint(dest: Path, *, seed: int = 0, variant: str = "turbo") -> Path:
+    """Write the tiny checkpoint of `variant` (see `VARIANTS`) under `dest` and return `dest`.
 
-    The same seed writes byte-identical weights.
+    The same seed and variant write byte-identical weights. One generator draws the text
+    encoder, the DiT and the VAE in that order, so the text encoder is the same for every
+    variant and the turbo checkpoint is the one written before variants existed.
     """
+    config = dit_config(variant)
     paths = CheckpointPaths(Path(dest))
-    for folder in (paths.dit_dir, paths.vae_dir, paths.text_dir):
+    dit_dir = paths.root / dit_folder(variant)
+    for folder in (dit_dir, paths.vae_dir, paths.text_dir):
         folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     write_tiny_text_encoder(paths.text_dir, generator)
-    _write_dit(paths.dit_dir, generator)
+    _write_dit(dit_dir, config, generator)
     _write_vae(paths.vae_dir, generator)
     return paths.root
 
 
-def _write_dit(folder: Path, generator: torch.Generator) -> None:
-    """Turbo config.json, model.safetensors and silence_latent.pt."""
-    _write_json(folder / "config.json", DIT_CONFIG)
+def _write_dit(folder: Path, config: dict, generator: torch.Generator) -> None:
+    """config.json, model.safetensors and silence_latent.pt."""
+    _write_json(folder / "config.json", config)
     with torch.device("meta"):
-        shapes = AceStepModel.from_config(DIT_CONFIG).state_dict()
+        shapes = AceStepModel.from_config(config).state_dict()
     save_weights(random_weights(shapes, generator), folder / "model.safetensors")
     torch.save(_silence_latent(generator), folder / "silence_latent.pt")
 
