@@ -1,17 +1,32 @@
-"""Our PyTorch port of the ACE-Step v1.5 turbo generation network (pure tensor code).
+"""Our PyTorch port of the ACE-Step v1.5 generation networks (pure tensor code).
 
-Nothing here opens files, tokenizes text or picks devices; `pipeline.py` wires it up.
+Every DiT of the family (2 B and XL; turbo, sft, base) is one `AceStepModel`; turbo samples
+with `sample_turbo`, sft/base with the guided sampler. Nothing here opens files, tokenizes text
+or picks devices; `pipeline.py` wires it up.
 """
 
 from .acestep import AceStepModel
 from .config import AceStepConfig
-from .sampler import RepaintInputs, draw_noise, sample_turbo, snap_shift, turbo_timesteps
+from .dcw import DCW_MODES, DcwSettings
+from .sampler import (
+    MAX_TURBO_STEPS,
+    RepaintInputs,
+    draw_noise,
+    mix_retake,
+    sample_turbo,
+    snap_shift,
+    turbo_timesteps,
+)
 
 __all__ = [
+    "DCW_MODES",
+    "MAX_TURBO_STEPS",
     "AceStepConfig",
     "AceStepModel",
+    "DcwSettings",
     "RepaintInputs",
     "draw_noise",
+    "mix_retake",
     "sample_turbo",
     "snap_shift",
     "turbo_timesteps",

@@ -1,18 +1,23 @@
-"""The turbo sampler (official `generate_audio`, ODE path): 8 Euler steps, last one jumps to x0.
+"""The turbo sampler (official `generate_audio`, ODE path): Euler steps, last one jumps to x0.
 
 Rounding follows the official code exactly: the schedule becomes a tensor in the model dtype
 whose values are read back as Python floats, dt is the difference of those rounded values,
-and every update is two rounded tensor ops.
+and every update is two rounded tensor ops. Optional DCW (see `dcw.py`) corrects each step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .acestep import AceStepModel
+from .dcw import DcwSettings, dcw_correct
+
+MAX_TURBO_STEPS = 20
+"""Most steps the turbo sampler takes (official `generate_audio` clamps `infer_steps` to 20)."""
 
 SHIFT_TIMESTEPS: dict[float, tuple[float, ...]] = {
     1.0: (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125),
@@ -53,9 +58,24 @@ def snap_shift(shift: float) -> float:
     return min(SHIFT_TIMESTEPS, key=lambda s: abs(s - shift))
 
 
-def turbo_timesteps(shift: float) -> list[float]:
-    """The 8 timesteps for `shift` after snapping (exact table values, before rounding)."""
-    return list(SHIFT_TIMESTEPS[snap_shift(shift)])
+def shift_timestep(t: float, shift: float) -> float:
+    """t -> shift·t / (1 + (shift - 1)·t): spends more of the steps at high noise for shift > 1."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def turbo_timesteps(shift: float, steps: int | None = None) -> list[float]:
+    """The turbo schedule before rounding, without the final 0.
+
+    steps None: the 8-step table of the nearest supported shift (`snap_shift`). steps N in
+    1..20: u = 1 - k/N for k < N, shifted by `shift` as given (current upstream `infer_steps`);
+    N = 8 reproduces the tables exactly.
+    """
+    if steps is None:
+        return list(SHIFT_TIMESTEPS[snap_shift(shift)])
+    if not 1 <= steps <= MAX_TURBO_STEPS:
+        raise ValueError(f"turbo steps must be 1..{MAX_TURBO_STEPS}, not {steps}")
+    raw = [1.0 - k / steps for k in range(steps)]
+    return raw if shift == 1.0 else [shift_timestep(t, shift) for t in raw]
 
 
 def draw_noise(
@@ -73,6 +93,20 @@ def draw_noise(
             torch.randn(1, frames, channels, generator=generator, device=device, dtype=dtype)
         )
     return torch.cat(draws, dim=0)
+
+
+def mix_retake(noise: torch.Tensor, retake_noise: torch.Tensor, variance: float) -> torch.Tensor:
+    """Retake: cos(v·π/2)·noise + sin(v·π/2)·retake_noise, a variance-preserving blend.
+
+    v = 0 keeps the take, v = 1 is the retake seed's own take; in between, "the same song, a
+    little different". Both draws come from `draw_noise` (official `prepare_noise`).
+    """
+    if not 0.0 <= variance <= 1.0:
+        raise ValueError(f"retake variance must be in [0, 1], not {variance}")
+    if variance == 0.0:
+        return noise
+    angle = variance * (math.pi / 2.0)
+    return math.cos(angle) * noise + math.sin(angle) * retake_noise
 
 
 def _inject_source(
@@ -112,18 +146,21 @@ def sample_turbo(
     context: torch.Tensor,
     shift: float,
     *,
+    steps: int | None = None,
+    dcw: DcwSettings | None = None,
     repaint: RepaintInputs | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Full turbo generation (official `generate_audio`, ODE, cover strength 1) -> [B, T, 64].
 
-    noise [B, T, 64] (see `draw_noise`), encoder_hidden [B, S, D] from `encode_condition`,
-    context [B, T, 128] from `build_context`; the schedule takes the context's dtype and
-    device, as upstream. `on_step(k, total)` runs before each DiT call and may raise to
-    cancel.
+    noise [B, T, 64] (see `draw_noise`, `mix_retake`), encoder_hidden [B, S, D] from
+    `encode_condition`, context [B, T, 128] from `build_context`; the schedule
+    (`turbo_timesteps(shift, steps)`) takes the context's dtype and device, as upstream.
+    `dcw` corrects every step, the last one included (None: off). `on_step(k, total)` runs
+    before each DiT call and may raise to cancel.
     """
     batch, device, dtype = context.shape[0], context.device, context.dtype
-    schedule = torch.tensor(turbo_timesteps(shift), device=device, dtype=dtype)
+    schedule = torch.tensor(turbo_timesteps(shift, steps), device=device, dtype=dtype)
     steps = len(schedule)
     inject_steps = round(repaint.injection_ratio * steps) if repaint is not None else 0
     x = noise
@@ -133,12 +170,17 @@ def sample_turbo(
         t = schedule[k].item()
         t_batch = t * torch.ones((batch,), device=device, dtype=dtype)
         v = model.decoder(x, t_batch, t_batch, encoder_hidden, context)
+        x_before = x
         if k == steps - 1:
             x = x - v * t_batch[:, None, None]  # the last step predicts x0 directly
+            if dcw is not None:
+                x = dcw_correct(x, x_before - v * t_batch[:, None, None], t, dcw)
             break
         t_next = schedule[k + 1].item()
         dt = (t - t_next) * torch.ones((batch,), device=device, dtype=dtype)
         x = x - v * dt[:, None, None]
+        if dcw is not None:
+            x = dcw_correct(x, x_before - v * t_batch[:, None, None], t, dcw)
         if k < inject_steps:
             x = _inject_source(x, repaint, noise, t_next)
     if repaint is not None and repaint.crossfade_frames > 0:
