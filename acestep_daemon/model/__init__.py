@@ -8,6 +8,8 @@ or picks devices; `pipeline.py` wires it up.
 from .acestep import AceStepModel
 from .config import AceStepConfig
 from .dcw import DCW_MODES, DcwSettings
+from .guidance import GUIDANCE_METHODS
+from .guided import GUIDANCE_SCALE, GUIDED_SHIFT, GUIDED_STEPS, sample_guided
 from .sampler import (
     MAX_TURBO_STEPS,
     RepaintInputs,
@@ -20,6 +22,10 @@ from .sampler import (
 
 __all__ = [
     "DCW_MODES",
+    "GUIDANCE_METHODS",
+    "GUIDANCE_SCALE",
+    "GUIDED_SHIFT",
+    "GUIDED_STEPS",
     "MAX_TURBO_STEPS",
     "AceStepConfig",
     "AceStepModel",
@@ -27,6 +33,7 @@ __all__ = [
     "RepaintInputs",
     "draw_noise",
     "mix_retake",
+    "sample_guided",
     "sample_turbo",
     "snap_shift",
     "turbo_timesteps",

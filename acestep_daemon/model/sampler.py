@@ -109,7 +109,7 @@ def mix_retake(noise: torch.Tensor, retake_noise: torch.Tensor, variance: float)
     return math.cos(angle) * noise + math.sin(angle) * retake_noise
 
 
-def _inject_source(
+def inject_source(
     x: torch.Tensor, repaint: RepaintInputs, noise: torch.Tensor, t_next: float
 ) -> torch.Tensor:
     """Frames outside the repaint range <- source noised to t_next."""
@@ -117,7 +117,7 @@ def _inject_source(
     return torch.where(repaint.mask[..., None].expand_as(x), x, noised)
 
 
-def _crossfade(x: torch.Tensor, repaint: RepaintInputs) -> torch.Tensor:
+def crossfade_repaint(x: torch.Tensor, repaint: RepaintInputs) -> torch.Tensor:
     """Blend generated frames into the source: 1 inside the range, linear ramps outside.
 
     The soft mask is float32, so the result is float32 (as upstream).
@@ -182,7 +182,7 @@ def sample_turbo(
         if dcw is not None:
             x = dcw_correct(x, x_before - v * t_batch[:, None, None], t, dcw)
         if k < inject_steps:
-            x = _inject_source(x, repaint, noise, t_next)
+            x = inject_source(x, repaint, noise, t_next)
     if repaint is not None and repaint.crossfade_frames > 0:
-        x = _crossfade(x, repaint)
+        x = crossfade_repaint(x, repaint)
     return x
