@@ -1,0 +1,82 @@
+"""A tiny random LoRA adapter for a tiny checkpoint, as a PEFT folder or a single file.
+
+Upstream trains rank-8 PEFT adapters (alpha 16) on the decoder's attention projections
+(`q_proj`, `k_proj`, `v_proj`, `o_proj` of every self- and cross-attention); this writes the
+same key names and config fields at tiny sizes. Unlike a freshly initialised PEFT adapter
+(whose up matrices start at zero), both matrices are random, so the adapter changes the output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from acestep_daemon.adapters import PEFT_CONFIG, PEFT_WEIGHTS
+from acestep_daemon.model import AceStepConfig
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def make_tiny_lora(
+    dest: Path,
+    config: dict,
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    seed: int = 0,
+    single_file: bool = False,
+) -> Path:
+    """Write an adapter for the DiT described by `config` (a config.json dict) and return it.
+
+    PEFT: a folder `dest` with adapter_config.json and adapter_model.safetensors.
+    single_file: `dest` is one .safetensors file in ComfyUI's layout (PEFT key names plus a
+    `<module>.alpha` scalar per module).
+    """
+    arch = AceStepConfig.from_dict(config)
+    q_width = arch.num_attention_heads * arch.head_dim
+    kv_width = arch.num_key_value_heads * arch.head_dim
+    hidden = arch.hidden_size  # cross-attention reads the condition after condition_embedder
+    shapes = {
+        "q_proj": (hidden, q_width),
+        "k_proj": (hidden, kv_width),
+        "v_proj": (hidden, kv_width),
+        "o_proj": (q_width, hidden),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(arch.num_hidden_layers):
+        for attention in ("self_attn", "cross_attn"):
+            for target in TARGET_MODULES:
+                fan_in, fan_out = shapes[target]
+                name = f"base_model.model.layers.{layer}.{attention}.{target}"
+                down = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+                up = torch.randn(fan_out, rank, generator=generator) / rank**0.5
+                tensors[f"{name}.lora_A.weight"] = down
+                tensors[f"{name}.lora_B.weight"] = up
+                if single_file:
+                    tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    dest = Path(dest)
+    if single_file:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(dest))
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dest / PEFT_WEIGHTS), metadata={"format": "pt"})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.1,
+        "target_modules": list(TARGET_MODULES),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    (dest / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return dest

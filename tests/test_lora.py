@@ -1,0 +1,145 @@
+"""LoRA adapters (PEFT folders, ComfyUI-style single files) on the decoder of a tiny checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from acestep_daemon.adapters import AdapterCache, read_adapter
+from acestep_daemon.errors import InvalidRequest
+from acestep_daemon.model import AceStepModel
+from acestep_daemon.model.lora import lora_applied
+from acestep_daemon.tiny import dit_config, make_tiny_lora
+
+
+def tiny_model(variant: str = "turbo") -> AceStepModel:
+    torch.manual_seed(0)
+    model = AceStepModel.from_config(dit_config(variant)).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> AceStepModel:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def peft_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_lora(tmp_path_factory.mktemp("lora") / "peft", dit_config("turbo"))
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(3)
+    return (
+        torch.randn(2, 9, 8, generator=g),
+        torch.tensor([0.7, 0.4]),
+        torch.tensor([0.7, 0.4]),
+        torch.randn(2, 5, 32, generator=g),
+        torch.randn(2, 9, 16, generator=g),
+    )
+
+
+@torch.no_grad()
+def velocity(model: AceStepModel, inputs: tuple, adapter=None, scale: float = 1.0):
+    if adapter is None:
+        return model.decoder(*inputs)
+    with lora_applied(model, adapter, scale):
+        return model.decoder(*inputs)
+
+
+def test_peft_adapter_has_upstream_key_names_and_config(peft_folder: Path) -> None:
+    config = json.loads((peft_folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["target_modules"] == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    ]
+    keys = load_file(peft_folder / "adapter_model.safetensors")
+    assert "base_model.model.layers.0.cross_attn.k_proj.lora_A.weight" in keys
+    assert len(keys) == 24 * 2 * 4 * 2
+
+
+def test_adapter_changes_the_output_and_scale_zero_is_the_base_exactly(
+    model: AceStepModel, peft_folder: Path, inputs: tuple
+) -> None:
+    adapter = AdapterCache().get(peft_folder, model)
+    base = velocity(model, inputs)
+    assert torch.equal(velocity(model, inputs, adapter, 0.0), base)
+    changed = velocity(model, inputs, adapter, 1.0)
+    assert (changed - base).abs().max() > 1e-2 * base.abs().max()
+    assert torch.equal(velocity(model, inputs), base)  # hooks are gone after the block
+
+
+def test_applied_adapter_equals_the_merged_weights(
+    model: AceStepModel, peft_folder: Path, inputs: tuple
+) -> None:
+    """PEFT's update: W + scale · (alpha / r) · B A, here merged by hand into a copy."""
+    adapter = read_adapter(peft_folder)
+    merged = copy.deepcopy(model)
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, update in adapter.items():
+            modules[name].weight += 0.5 * update.scaling * update.up @ update.down
+    assert next(iter(adapter.values())).scaling == 2.0  # alpha 8 / rank 4
+    ours = velocity(model, inputs, adapter, 0.5)
+    assert torch.allclose(ours, velocity(merged, inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_comfyui_single_file_loads_like_the_peft_folder(
+    model: AceStepModel, peft_folder: Path, inputs: tuple, tmp_path: Path
+) -> None:
+    single = make_tiny_lora(tmp_path / "comfy.safetensors", dit_config("turbo"), single_file=True)
+    from_file = velocity(model, inputs, read_adapter(single))
+    assert torch.equal(from_file, velocity(model, inputs, read_adapter(peft_folder)))
+
+
+def test_cache_loads_once_per_file_version(model: AceStepModel, tmp_path: Path) -> None:
+    folder = make_tiny_lora(tmp_path / "a", dit_config("turbo"))
+    cache = AdapterCache()
+    first = cache.get(folder, model)
+    assert cache.get(folder, model) is first
+    weights = folder / "adapter_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert cache.get(folder, model) is not first
+
+
+def test_xl_adapter_on_the_2b_model_is_a_clear_invalid_request(
+    model: AceStepModel, tmp_path: Path
+) -> None:
+    xl = make_tiny_lora(tmp_path / "xl", dit_config("xl-turbo"))
+    with pytest.raises(InvalidRequest, match="does not fit this model"):
+        AdapterCache().get(xl, model)
+
+
+@pytest.mark.parametrize("problem", ["missing", "no_config", "dora", "lokr", "stray_key"])
+def test_broken_adapters_are_invalid_requests(
+    model: AceStepModel, peft_folder: Path, tmp_path: Path, problem: str
+) -> None:
+    folder = tmp_path / problem
+    folder.mkdir()
+    weights = load_file(peft_folder / "adapter_model.safetensors")
+    config = json.loads((peft_folder / "adapter_config.json").read_text())
+    if problem == "dora":
+        config["use_dora"] = True
+    if problem == "lokr":
+        config["peft_type"] = "LOKR"
+    if problem == "stray_key":
+        weights["base_model.model.layers.0.self_attn.q_proj.hada_w1_a"] = torch.zeros(2)
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    if problem != "no_config":
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    path = tmp_path / "nowhere" if problem == "missing" else folder
+    with pytest.raises(InvalidRequest):
+        AdapterCache().get(path, model)
