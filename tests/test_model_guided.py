@@ -42,7 +42,9 @@ class Setup:
         self.noise = draw_noise([11, 22], 17, 64, "cpu", torch.float32)
 
     def sample(self, **kw: object) -> torch.Tensor:
-        return sample_guided(self.model, self.noise, self.hidden, self.context, **kw)
+        """The official defaults (shift 1, guidance 7, APG) unless `kw` says otherwise."""
+        settings = {"steps": 6, "shift": 1.0, "guidance_scale": 7.0} | kw
+        return sample_guided(self.model, self.noise, self.hidden, self.context, **settings)
 
 
 @pytest.fixture(scope="module")

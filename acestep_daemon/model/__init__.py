@@ -9,9 +9,8 @@ from .acestep import AceStepModel
 from .config import AceStepConfig
 from .dcw import DCW_MODES, DcwSettings
 from .guidance import GUIDANCE_METHODS
-from .guided import GUIDANCE_SCALE, GUIDED_SHIFT, GUIDED_STEPS, sample_guided
+from .guided import sample_guided
 from .sampler import (
-    MAX_TURBO_STEPS,
     RepaintInputs,
     draw_noise,
     mix_retake,
@@ -23,10 +22,6 @@ from .sampler import (
 __all__ = [
     "DCW_MODES",
     "GUIDANCE_METHODS",
-    "GUIDANCE_SCALE",
-    "GUIDED_SHIFT",
-    "GUIDED_STEPS",
-    "MAX_TURBO_STEPS",
     "AceStepConfig",
     "AceStepModel",
     "DcwSettings",

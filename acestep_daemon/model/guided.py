@@ -19,11 +19,6 @@ from .dcw import DcwSettings, dcw_correct
 from .guidance import GUIDANCE_METHODS, Momentum, adg, apg, cfg
 from .sampler import RepaintInputs, crossfade_repaint, inject_source
 
-GUIDED_STEPS = 30
-GUIDED_SHIFT = 1.0
-GUIDANCE_SCALE = 7.0
-"""Defaults of the official sft/base `generate_audio` (30 steps, shift 1, guidance 7)."""
-
 
 def guided_timesteps(
     steps: int, shift: float, dtype: torch.dtype, device: torch.device | str
@@ -69,9 +64,9 @@ def sample_guided(
     encoder_hidden: torch.Tensor,
     context: torch.Tensor,
     *,
-    steps: int = GUIDED_STEPS,
-    shift: float = GUIDED_SHIFT,
-    guidance_scale: float = GUIDANCE_SCALE,
+    steps: int,
+    shift: float,
+    guidance_scale: float,
     method: str = "apg",
     interval: tuple[float, float] = (0.0, 1.0),
     timesteps: list[float] | None = None,
@@ -82,7 +77,8 @@ def sample_guided(
     """Full sft/base generation (cover strength 1) -> [B, T, 64].
 
     noise [B, T, 64] (see `draw_noise`, `mix_retake`), encoder_hidden [B, S, De], context
-    [B, T, 128]. `timesteps` (a decreasing list, usually ending at 0) replaces steps and shift.
+    [B, T, 128]; per-model defaults live in `acestep_daemon.family`. `timesteps` (a decreasing
+    list, usually ending at 0) replaces steps and shift.
     Guidance runs only for guidance_scale > 1, and only at steps whose t lies inside
     `interval` (inclusive). `on_step(k, total)` runs before each DiT call and may raise to
     cancel.

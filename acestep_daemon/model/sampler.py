@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from acestep_daemon.family import TURBO_MAX_STEPS
+
 from .acestep import AceStepModel
 from .dcw import DcwSettings, dcw_correct
-
-MAX_TURBO_STEPS = 20
-"""Most steps the turbo sampler takes (official `generate_audio` clamps `infer_steps` to 20)."""
 
 SHIFT_TIMESTEPS: dict[float, tuple[float, ...]] = {
     1.0: (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125),
@@ -72,8 +71,8 @@ def turbo_timesteps(shift: float, steps: int | None = None) -> list[float]:
     """
     if steps is None:
         return list(SHIFT_TIMESTEPS[snap_shift(shift)])
-    if not 1 <= steps <= MAX_TURBO_STEPS:
-        raise ValueError(f"turbo steps must be 1..{MAX_TURBO_STEPS}, not {steps}")
+    if not 1 <= steps <= TURBO_MAX_STEPS:
+        raise ValueError(f"turbo steps must be 1..{TURBO_MAX_STEPS}, not {steps}")
     raw = [1.0 - k / steps for k in range(steps)]
     return raw if shift == 1.0 else [shift_timestep(t, shift) for t in raw]
 
