@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AceStepConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 """(cos, sin), each [1, S, head_dim] in the activation dtype."""
@@ -95,10 +95,10 @@ class Attention(nn.Module):
         q_width = config.num_attention_heads * config.head_dim
         kv_width = config.num_key_value_heads * config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=bias)
-        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, q_width, bias=bias)
+        self.k_proj = Linear(config.hidden_size, kv_width, bias=bias)
+        self.v_proj = Linear(config.hidden_size, kv_width, bias=bias)
+        self.o_proj = Linear(q_width, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
