@@ -114,10 +114,13 @@ def load_module(
 ) -> nn.Module:
     """Load a meta-constructed module from safetensors straight onto `device` in `dtype`.
 
-    Tensors are converted one by one, so the peak is the model plus one tensor.
+    Tensors are converted one by one, so the peak is the model plus one tensor. Each is
+    copied out of the memory-mapped file: tensors there sit at arbitrary byte offsets, and on
+    such unaligned matrices the CPU matrix kernels run slower and round differently from the
+    official model's (whose parameters are freshly allocated).
     """
     with safe_open(weights, framework="pt", device=str(device)) as tensors:
-        state = {name: tensors.get_tensor(name).to(dtype) for name in tensors.keys()}  # noqa: SIM118
+        state = {name: tensors.get_tensor(name).to(dtype, copy=True) for name in tensors.keys()}  # noqa: SIM118
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

@@ -89,7 +89,7 @@ class _WeightNormed(nn.Module):
 
     def weight(self) -> torch.Tensor:
         # w = g · v / ‖v‖ per dim-0 slice; the same kernel as torch.nn.utils.weight_norm
-        # (fp32 accumulation for half dtypes), so bf16 matches the reference bit for bit.
+        # (fp32 accumulation for half dtypes), as the reference computes it.
         return torch._weight_norm(self.weight_v, self.weight_g, 0)
 
 
