@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "acestep_daemon"
 LAYERS = {
     "__init__": 0,
     "constants": 0,
+    "family": 0,
     "errors": 0,
     "params": 0,
     "options": 0,
@@ -30,6 +31,7 @@ LAYERS = {
     "audio": 2,
     "text": 2,
     "checkpoint": 2,
+    "adapters": 2,
     "tiny": 3,
     "pipeline": 4,
     "memory": 5,

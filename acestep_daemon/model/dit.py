@@ -169,15 +169,18 @@ class DiT(nn.Module):
         if not self.reuse_step_constants:
             return self.step_constants(encoder_hidden, patches, dtype)
         weights = list(self.condition_embedder.parameters())
+        projections = [self.condition_embedder]
         for layer in self.layers:
             weights += [layer.cross_attn.k_proj.weight, layer.cross_attn.v_proj.weight]
             weights.append(layer.cross_attn.k_norm.weight)
+            projections += [layer.cross_attn.k_proj, layer.cross_attn.v_proj]
         token = (
             _version(encoder_hidden),
             patches,
             dtype,
             self.mask_free_attention,
             *((w.data_ptr(), _version(w)) for w in weights),
+            *(tuple(m._forward_hooks) for m in projections),  # a LoRA applied or removed
         )
         key = id(encoder_hidden)
         entry = self._cache.get(key)
