@@ -10,8 +10,15 @@ default of their `generate_audio` and of the API's `GenerationParams`, and DCW o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 TURBO, SFT, BASE = "turbo", "sft", "base"
+GuidanceMethod = Literal["apg", "cfg", "adg"]
+GUIDANCE_METHODS: tuple[str, ...] = get_args(GuidanceMethod)
+"""How sft/base combine the conditional and unconditional predictions (APG is upstream's)."""
+DcwMode = Literal["pix", "low", "high", "double"]
+DCW_MODES: tuple[str, ...] = get_args(DcwMode)
+"""Which bands the wavelet correction (DCW) pushes."""
 TURBO_MAX_STEPS = 20
 """Most turbo steps (official turbo `generate_audio` clamps `infer_steps` to 20)."""
 GUIDED_MAX_STEPS = 200

@@ -13,6 +13,7 @@ Torch-free on purpose: the server and the CLI validate without loading torch.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from pathlib import PurePosixPath
@@ -22,6 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from typing_extensions import Self
 
 from acestep_daemon.constants import MAX_DURATION_S, MIN_DURATION_S
+from acestep_daemon.family import (
+    GUIDED_MAX_STEPS,
+    TURBO_MAX_STEPS,
+    DcwMode,
+    GuidanceMethod,
+    ModelSpec,
+)
 
 Task = Literal["text2music", "repaint", "cover"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -98,8 +106,12 @@ class GenerationParams(StrictModel):
     duration_s: Annotated[float, Flag("-d", "--duration", metavar="SECONDS")] = Field(
         30.0, ge=MIN_DURATION_S, le=MAX_DURATION_S, description="length of the output"
     )
-    shift: Annotated[float, Flag("--shift")] = Field(
-        3.0, gt=0, le=100, description="turbo schedule shift: 1, 2 or 3"
+    shift: Annotated[float | None, Flag("--shift")] = Field(
+        None,
+        gt=0,
+        le=100,
+        description="timestep shift; default: the model's (turbo 3, snapped to 1, 2 or 3 "
+        "unless steps is given; sft/base 1)",
     )
     seed: Annotated[int | None, Flag("-s", "--seed")] = Field(
         None, ge=0, le=MAX_SEED, description="random when omitted"
@@ -133,6 +145,55 @@ class GenerationParams(StrictModel):
         ge=-MAX_DURATION_S,
         le=MAX_DURATION_S,
         description="end of the repainted range; past the source adds an outro; <0: the end",
+    )
+
+    steps: Annotated[int | None, Flag("--steps")] = Field(
+        None,
+        ge=1,
+        le=GUIDED_MAX_STEPS,
+        description=f"diffusion steps; default: the model's (turbo 8, at most {TURBO_MAX_STEPS})",
+    )
+    guidance_scale: Annotated[float | None, Flag("--guidance-scale")] = Field(
+        None, ge=1.0, le=30.0, description="sft/base only: guidance strength (7; 1 = none)"
+    )
+    guidance: Annotated[GuidanceMethod | None, Flag("--guidance")] = Field(
+        None, description="sft/base only: guidance method (apg)"
+    )
+    guidance_interval: Annotated[list[float] | None, Flag("--guidance-interval")] = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="sft/base only: [start, end] timesteps within which guidance runs ([0, 1])",
+    )
+    timesteps: Annotated[list[float] | None, Flag("--timesteps")] = Field(
+        None,
+        min_length=2,
+        max_length=GUIDED_MAX_STEPS + 1,
+        description="sft/base only: the timesteps, decreasing from at most 1 to at least 0",
+    )
+    dcw: Annotated[bool | None, Flag("--dcw")] = Field(
+        None, description="wavelet correction (DCW); default: on for turbo, off for sft/base"
+    )
+    dcw_mode: Annotated[DcwMode | None, Flag("--dcw-mode")] = Field(
+        None, description="DCW bands (double); giving it turns DCW on"
+    )
+    dcw_scaler: Annotated[float | None, Flag("--dcw-scaler")] = Field(
+        None, ge=0.0, le=1.0, description="DCW strength, low band (0.05)"
+    )
+    dcw_high_scaler: Annotated[float | None, Flag("--dcw-high-scaler")] = Field(
+        None, ge=0.0, le=1.0, description="DCW strength, high band of mode double (0.02)"
+    )
+    retake_seed: Annotated[int | None, Flag("--retake-seed")] = Field(
+        None, ge=0, le=MAX_SEED, description="retake: the second seed mixed into the noise"
+    )
+    retake_variance: Annotated[float | None, Flag("--retake-variance")] = Field(
+        None, ge=0.0, le=1.0, description="retake: 0 = the seed's take, 1 = the retake seed's"
+    )
+    lora: Annotated[str | None, Flag("--lora", path=True)] = Field(
+        None, description="LoRA adapter: a PEFT folder or a .safetensors file"
+    )
+    lora_scale: Annotated[float | None, Flag("--lora-scale")] = Field(
+        None, ge=0.0, le=1.0, description="strength of the LoRA adapter (1)"
     )
 
     def replace(self, **changes: Any) -> Self:
@@ -172,6 +233,69 @@ class GenerationParams(StrictModel):
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise ValueError(f"{info.field_name} {path} is not a readable file")
         return path
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _adapter_path(cls, value: Any) -> Any:
+        """An absolute path to an existing adapter folder or file."""
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            return value
+        path = absolute_path(value, "lora")
+        if not os.path.exists(path):
+            raise ValueError(f"lora {path} does not exist")
+        return path
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
+            raise ValueError("guidance_interval must be [start, end] with 0 <= start <= end <= 1")
+        return value
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return None
+        if not all(0.0 <= t <= 1.0 for t in value):
+            raise ValueError("timesteps must lie in [0, 1]")
+        if any(a <= b for a, b in itertools.pairwise(value)):
+            raise ValueError("timesteps must be strictly decreasing")
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> GenerationParams:
+        if (self.retake_seed is None) != (self.retake_variance is None):
+            raise ValueError("retake_seed and retake_variance go together")
+        if self.dcw is False and self.dcw_settings_given:
+            raise ValueError("dcw_mode/dcw_scaler/dcw_high_scaler given with dcw false")
+        if self.lora_scale is not None and self.lora is None:
+            raise ValueError("lora_scale needs lora")
+        return self
+
+    @property
+    def dcw_settings_given(self) -> bool:
+        return any(v is not None for v in (self.dcw_mode, self.dcw_scaler, self.dcw_high_scaler))
+
+    def model_problem(self, spec: ModelSpec) -> str | None:
+        """Why these parameters do not suit the model `spec` (or None): guidance fields on a
+        guidance-distilled turbo model, more steps than it takes."""
+        if not spec.guided:
+            given = [
+                name
+                for name in ("guidance_scale", "guidance", "guidance_interval", "timesteps")
+                if getattr(self, name) is not None
+            ]
+            if given:
+                return (
+                    f"{', '.join(given)}: model {spec.name} is guidance-distilled and takes no "
+                    "guidance; use an sft or base model"
+                )
+        if self.steps is not None and self.steps > spec.max_steps:
+            return f"steps: model {spec.name} takes at most {spec.max_steps} steps"
+        return None
 
     @model_validator(mode="after")
     def _task_inputs(self) -> GenerationParams:

@@ -7,8 +7,7 @@ or picks devices; `pipeline.py` wires it up.
 
 from .acestep import AceStepModel
 from .config import AceStepConfig
-from .dcw import DCW_MODES, DcwSettings
-from .guidance import GUIDANCE_METHODS
+from .dcw import DcwSettings
 from .guided import sample_guided
 from .sampler import (
     RepaintInputs,
@@ -20,8 +19,6 @@ from .sampler import (
 )
 
 __all__ = [
-    "DCW_MODES",
-    "GUIDANCE_METHODS",
     "AceStepConfig",
     "AceStepModel",
     "DcwSettings",

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .wavelet import haar_merge, haar_split
+from acestep_daemon.family import DCW_MODES
 
-DCW_MODES = ("pix", "low", "high", "double")
+from .wavelet import haar_merge, haar_split
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-GUIDANCE_METHODS = ("apg", "cfg", "adg")
-
 APG_MOMENTUM = -0.75
 APG_NORM_THRESHOLD = 2.5
 ADG_ANGLE_CLIP = 3.14 / 6

@@ -14,9 +14,11 @@ from collections.abc import Callable
 
 import torch
 
+from acestep_daemon.family import GUIDANCE_METHODS
+
 from .acestep import AceStepModel
 from .dcw import DcwSettings, dcw_correct
-from .guidance import GUIDANCE_METHODS, Momentum, adg, apg, cfg
+from .guidance import Momentum, adg, apg, cfg
 from .sampler import RepaintInputs, crossfade_repaint, inject_source
 
 
