@@ -1,11 +1,15 @@
 """Locate, download and verify the checkpoint folders (the layout of `ACE-Step/Ace-Step1.5`).
 
 A checkpoint is a folder in the layout of the Hugging Face repo
-`ACE-Step/Ace-Step1.5`, of which three sub-folders are used: the turbo DiT, the
-VAE and the Qwen3-Embedding text encoder (the 5 Hz LM is never downloaded).
-An explicit folder (`--model-dir` or `ACESTEP_MODEL_DIR`) wins; otherwise the
-Hugging Face cache is tried first and only what is missing is downloaded.
-Every needed file is checked before anything loads.
+`ACE-Step/Ace-Step1.5`, of which three sub-folders are used: a DiT, the VAE and
+the Qwen3-Embedding text encoder (the 5 Hz LM is never downloaded). The 2 B
+turbo DiT is a sub-folder of that repo; every other DiT of the family
+(`family.MODELS`) is a repo of its own, whose files form the DiT folder, and
+lives in an explicit checkpoint folder as `<root>/acestep-v15-<name>/` (the
+layout upstream's downloader writes). An explicit folder (`--model-dir` or
+`ACESTEP_MODEL_DIR`) wins; otherwise the Hugging Face cache is tried first and
+only what is missing is downloaded. Every needed file is checked before
+anything loads.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
 
 from acestep_daemon.errors import CheckpointError
+from acestep_daemon.family import DEFAULT_MODEL, MODELS, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,12 @@ REQUIRED_FILES: dict[str, tuple[str, ...]] = {
 ALLOW_PATTERNS = [f"{folder}/*" for folder in REQUIRED_FILES]
 """What is fetched from the Hub: the three sub-folders, nothing else."""
 
+SHARED_PATTERNS = [f"{folder}/*" for folder in (VAE_FOLDER, TEXT_FOLDER)]
+"""What the other models take from `ACE-Step/Ace-Step1.5`: the VAE and the text encoder."""
+
+DIT_PATTERNS = list(REQUIRED_FILES[DIT_FOLDER])
+"""What is fetched from a DiT repo of its own: the files of the DiT folder."""
+
 _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
@@ -54,10 +65,12 @@ class CheckpointPaths:
     """The checkpoint root and its three sub-folders."""
 
     root: Path
+    dit: Path | None = None
+    """The DiT folder when it is not `root/acestep-v15-turbo` (another model of the family)."""
 
     @property
     def dit_dir(self) -> Path:
-        return self.root / DIT_FOLDER
+        return self.dit if self.dit is not None else self.root / DIT_FOLDER
 
     @property
     def vae_dir(self) -> Path:
@@ -71,10 +84,12 @@ class CheckpointPaths:
         """Required files (relative to root) that are absent, broken links or empty."""
         missing = []
         for folder, names in REQUIRED_FILES.items():
+            base = self.dit_dir if folder == DIT_FOLDER else self.root / folder
             for name in names:
-                path = self.root / folder / name
+                path = base / name
                 if not path.is_file() or path.stat().st_size == 0:
-                    missing.append(f"{folder}/{name}")
+                    inside = path.is_relative_to(self.root)
+                    missing.append(str(path.relative_to(self.root)) if inside else str(path))
         return missing
 
     def verify(self) -> CheckpointPaths:
@@ -101,22 +116,30 @@ def how_to_get_weights() -> str:
     )
 
 
-def resolve_checkpoint(model_dir: Path | None, *, download: bool = True) -> CheckpointPaths:
-    """Find a complete checkpoint and return its verified paths.
+def resolve_checkpoint(
+    model_dir: Path | None, *, download: bool = True, model: str = DEFAULT_MODEL
+) -> CheckpointPaths:
+    """Find a complete checkpoint for `model` (a `family.MODELS` name) and verify it.
 
     `model_dir` (else the `ACESTEP_MODEL_DIR` environment variable) names a folder
     that is used as is. Without one, the Hugging Face cache copy of
     `ACE-Step/Ace-Step1.5` is used when complete; otherwise the three sub-folders
     are downloaded (with a progress bar) unless `download` is False or the Hub
-    is offline (`HF_HUB_OFFLINE`). Raises CheckpointError with instructions.
+    is offline (`HF_HUB_OFFLINE`). A model other than the 2 B turbo takes the VAE
+    and text encoder from there and its DiT from its own repo, cached or
+    downloaded the same way. Raises CheckpointError with instructions.
     """
+    spec = MODELS[model]
     if model_dir is None and os.environ.get(MODEL_DIR_ENV):
         model_dir = Path(os.environ[MODEL_DIR_ENV])
     if model_dir is not None:
         root = Path(model_dir).expanduser()
         if not root.is_dir():
             raise CheckpointError(f"model directory {root} does not exist.\n{how_to_get_weights()}")
-        return CheckpointPaths(root).verify()
+        return CheckpointPaths(root, _own_dit(root, spec)).verify()
+    if spec.repo != HF_REPO_ID:
+        shared = _from_hub(HF_REPO_ID, SHARED_PATTERNS, download)
+        return CheckpointPaths(shared, _from_hub(spec.repo, DIT_PATTERNS, download)).verify()
 
     cached = _cached_snapshot()
     if cached is not None and not cached.missing_files():
@@ -130,6 +153,35 @@ def resolve_checkpoint(model_dir: Path | None, *, download: bool = True) -> Chec
             )
         return cached.verify()
     return _download().verify()
+
+
+def _own_dit(root: Path, spec: ModelSpec) -> Path | None:
+    """The DiT folder of a model that is not the repo's own sub-folder (None for turbo)."""
+    return None if spec.folder == DIT_FOLDER else root / spec.folder
+
+
+def _from_hub(repo: str, patterns: list[str], download: bool) -> Path:
+    """The cached snapshot of `repo` (limited to `patterns`), downloaded when incomplete."""
+    try:
+        path: Path | None = Path(
+            snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
+        )
+    except (OSError, ValueError):
+        path = None
+    if path is not None and all(any(path.glob(pattern)) for pattern in patterns):
+        return path
+    if not download or _hub_offline():
+        if path is not None:
+            return path  # incomplete: verify() names what is missing
+        reason = "downloads are disabled" if not download else "HF_HUB_OFFLINE is set"
+        raise CheckpointError(
+            f"no copy of {repo} in the Hugging Face cache and {reason}.\n{how_to_get_weights()}"
+        )
+    log.info("downloading %s (%s) into the Hugging Face cache", repo, patterns)
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, tqdm_class=tqdm))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"could not download {repo}: {exc}\n{how_to_get_weights()}") from exc
 
 
 def _cached_snapshot() -> CheckpointPaths | None:
