@@ -27,6 +27,7 @@ from pydantic_core import PydanticUndefined
 from tqdm import tqdm
 
 from acestep_daemon import paths, units
+from acestep_daemon.family import DEFAULT_MODEL, MODELS
 from acestep_daemon.options import ServerOptions
 from acestep_daemon.params import Flag
 from acestep_daemon.protocol import CommandName, GenerateRequest
@@ -58,12 +59,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     defaults = ServerOptions(socket_path=paths.default_socket_path())
     p.add_argument("--socket", type=Path, default=defaults.socket_path, help="%(default)s")
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
-    p.add_argument(
-        "--model",
-        choices=("turbo", "tiny"),
-        default="turbo",
-        help="'tiny' serves a freshly made tiny checkpoint with RANDOM weights (protocol tests)",
-    )
+    _add_model(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument(
@@ -101,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace,
         queue_limit=args.queue_limit,
         idle_unload_s=args.idle_unload,
+        model=args.model.removeprefix(TINY_PREFIX),
     )
     activated = os.environ.get("LISTEN_PID") == str(os.getpid())
     if not activated and paths.daemon_answers(options.socket_path):
@@ -114,14 +111,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     tiny_dir: Path | None = None
     model_dir = args.model_dir
-    if args.model == "tiny":
+    model = args.model.removeprefix(TINY_PREFIX)
+    if args.model.startswith(TINY_PREFIX):
         from acestep_daemon.tiny import make_tiny_checkpoint
 
         tiny_dir = Path(tempfile.mkdtemp(prefix="acestep-tiny-"))
-        model_dir = make_tiny_checkpoint(tiny_dir / "checkpoint")
+        model_dir = make_tiny_checkpoint(tiny_dir / "checkpoint", variant=model)
         logger.warning(
-            "*** --model tiny: serving a TINY checkpoint with RANDOM weights from %s. "
+            "*** --model %s: serving a TINY checkpoint with RANDOM weights from %s. "
             "It answers the protocol but every file it writes is noise, not music. ***",
+            args.model,
             model_dir,
         )
     dtype = _torch_dtype(args.dtype)
@@ -130,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         injected = faults.plan_from_env()
 
         def factory() -> Pipeline:
-            pipeline = Pipeline.load(resolve_checkpoint(model_dir), device=args.device, dtype=dtype)
+            paths = resolve_checkpoint(model_dir, model=model)
+            pipeline = Pipeline.load(paths, device=args.device, dtype=dtype, model=model)
             return faults.FaultyPipeline(pipeline, injected) if injected else pipeline
 
         manager = GenerationManager(
@@ -143,6 +143,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if tiny_dir is not None:
             shutil.rmtree(tiny_dir, ignore_errors=True)
+
+
+TINY_PREFIX = "tiny-"
+MODEL_CHOICES = (*MODELS, *(TINY_PREFIX + name for name in MODELS))
+
+
+def _model_name(text: str) -> str:
+    """`tiny` is kept as the short name of `tiny-turbo`."""
+    return f"{TINY_PREFIX}{DEFAULT_MODEL}" if text == "tiny" else text
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        type=_model_name,
+        choices=MODEL_CHOICES,
+        default=DEFAULT_MODEL,
+        help="the DiT: turbo, xl-turbo, sft, base, xl-sft or xl-base; 'tiny-<name>' (or "
+        "'tiny') serves a freshly made tiny checkpoint with RANDOM weights (protocol tests)",
+    )
 
 
 def _absolute_path(text: str) -> str:
@@ -166,7 +186,23 @@ def _add_fields(p: argparse.ArgumentParser, model: type[BaseModel], *, skip: set
         kind = next(a for a in get_args(info.annotation) or [info.annotation] if a is not NoneType)
         if kind is bool:
             p.add_argument(
-                *flag.names, dest=name, action="store_true", default=None, help=help_text
+                *flag.names,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        elif get_origin(kind) is Literal:
+            p.add_argument(*flag.names, dest=name, choices=get_args(kind), help=help_text)
+        elif get_origin(kind) is list:
+            (item,) = get_args(kind)
+            p.add_argument(
+                *flag.names,
+                dest=name,
+                type=item,
+                nargs="+",
+                metavar=item.__name__.upper(),
+                help=help_text,
             )
         else:
             convert = _absolute_path if flag.path else kind
@@ -279,6 +315,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     _add_fields(p, GenerateRequest, skip={"progress"})
     p.add_argument("--float-wav", action="store_true", help="32-bit float WAV")
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
+    p.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL, help="the DiT (turbo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.set_defaults(func=cmd_generate)
@@ -303,8 +340,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request = protocol.GenerateRequest.model_validate(request_fields(args))
         output = Path(request.output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint = resolve_checkpoint(args.model_dir)
-        pipeline = Pipeline.load(checkpoint, device=args.device, dtype=_torch_dtype(args.dtype))
+        problem = request.model_problem(MODELS[args.model])
+        if problem is not None:
+            print(f"acestep generate: {problem}", file=sys.stderr)
+            return 2
+        checkpoint = resolve_checkpoint(args.model_dir, model=args.model)
+        pipeline = Pipeline.load(
+            checkpoint, device=args.device, dtype=_torch_dtype(args.dtype), model=args.model
+        )
         with _TerminalProgress() as progress:
             audio = pipeline.generate(request.to_params(), progress=progress)
         write_audio(output, audio.samples, audio.sample_rate, float_wav=args.float_wav)

@@ -23,6 +23,7 @@ from typing import Any
 
 from acestep_daemon import paths, protocol, sdnotify
 from acestep_daemon.errors import AceStepError, Cancelled, InvalidRequest
+from acestep_daemon.family import MODELS
 from acestep_daemon.manager import (
     GenerationManager,
     Job,
@@ -204,7 +205,11 @@ class Connection:
     async def _generate(self, request: protocol.GenerateRequest, fd: int) -> dict[str, Any] | None:
         """Queue the job, forward progress, and turn its outcome into the final answer."""
         try:
-            handle = self.manager.submit(Job(request.to_params(), output_path(request)))
+            params = request.to_params()
+            problem = params.model_problem(MODELS[self.options.model])
+            if problem is not None:
+                raise InvalidRequest(problem)
+            handle = self.manager.submit(Job(params, output_path(request)))
         except AceStepError as error:
             _log_request(request, error)
             return wire_error(error)

@@ -134,6 +134,7 @@ class GenerationManager:
         self._pipeline: Pipeline | None = None
         self._home: tuple[torch.device, torch.dtype] | None = None
         self._model_dir: str | None = None
+        self._model: str | None = None
         self._last_active = time.monotonic()
         self._started = time.monotonic()
         self.counters = Counters()
@@ -205,6 +206,7 @@ class GenerationManager:
             "busy": busy,
             "uptime_s": round(time.monotonic() - self._started, 1),
             "free_vram_bytes": free_vram,
+            "model": self._model,
             "model_dir": self._model_dir,
             **vars(self.counters),
         }
@@ -316,6 +318,7 @@ class GenerationManager:
                 raise FatalWorkerError(f"could not load the pipeline: {error}") from error
             self._home = (self._pipeline.device, self._pipeline.dtype)
             self._model_dir = str(self._pipeline.checkpoint.root)
+            self._model = self._pipeline.spec.name
             self.counters.loads += 1
         elif self._home and (self._pipeline.device, self._pipeline.dtype) != self._home:
             move(self._pipeline, *self._home)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from acestep_daemon.family import DEFAULT_MODEL
+
 QUEUE_LIMIT = 16
 """Waiting requests before the daemon answers "busy"."""
 
@@ -29,3 +31,5 @@ class ServerOptions:
     queue_limit: int = QUEUE_LIMIT
     idle_unload_s: float | None = None
     """Unload the pipeline after this long without requests (None: never)."""
+    model: str = DEFAULT_MODEL
+    """The DiT served (a `family.MODELS` name): requests are checked against it."""

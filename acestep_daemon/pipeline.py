@@ -6,8 +6,9 @@ A request runs in three stages, each a method, so that the daemon's
 out-of-memory policy can retry one stage:
 
     prepare  ("text")       prompts → Qwen3 → condition encoder; audio inputs → VAE
-                            latents; seed → noise
-    diffuse  ("diffusion")  the 8-step turbo sampler
+                            latents; seed (and retake seed) → noise
+    diffuse  ("diffusion")  the model's sampler: turbo (1-20 steps, DCW) or the guided
+                            sft/base sampler; with the request's LoRA adapter applied
     decode   ("vae")        tiled VAE decode, anti-clipping, crop to the request
 
 `generate` runs all three.
@@ -29,6 +30,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from acestep_daemon.adapters import AdapterCache
 from acestep_daemon.audio import read_audio
 from acestep_daemon.checkpoint import CheckpointPaths
 from acestep_daemon.constants import (
@@ -38,8 +40,10 @@ from acestep_daemon.constants import (
     SAMPLE_RATE,
 )
 from acestep_daemon.errors import GenerationFailed, InvalidRequest
-from acestep_daemon.model import AceStepModel
-from acestep_daemon.model.sampler import RepaintInputs, draw_noise, sample_turbo
+from acestep_daemon.family import DEFAULT_MODEL, MODELS, ModelSpec
+from acestep_daemon.model import AceStepModel, DcwSettings, sample_guided
+from acestep_daemon.model.lora import lora_applied
+from acestep_daemon.model.sampler import RepaintInputs, draw_noise, mix_retake, sample_turbo
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES, OobleckVAE
 from acestep_daemon.params import GenerationParams
 from acestep_daemon.text import (
@@ -139,6 +143,22 @@ def repaint_window(
     return left, right, (start + left) // LATENT_HOP, (end + left) // LATENT_HOP
 
 
+def dcw_settings(params: GenerationParams, spec: ModelSpec) -> DcwSettings | None:
+    """The request's wavelet correction: on by the model's default (turbo) or when asked for,
+    with upstream's mode and strengths wherever the request names none."""
+    enabled = params.dcw if params.dcw is not None else spec.dcw or params.dcw_settings_given
+    if not enabled:
+        return None
+    defaults = DcwSettings()
+    return DcwSettings(
+        mode=params.dcw_mode or defaults.mode,
+        scaler=params.dcw_scaler if params.dcw_scaler is not None else defaults.scaler,
+        high_scaler=(
+            params.dcw_high_scaler if params.dcw_high_scaler is not None else defaults.high_scaler
+        ),
+    )
+
+
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
@@ -149,7 +169,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 class Pipeline:
-    """The resident ACE-Step v1.5 turbo pipeline: load once, generate many times."""
+    """A resident ACE-Step v1.5 pipeline for one DiT of the family: load once, generate many
+    times."""
 
     def __init__(
         self,
@@ -160,6 +181,7 @@ class Pipeline:
         silence_latent: torch.Tensor,
         device: torch.device,
         dtype: torch.dtype,
+        spec: ModelSpec = MODELS[DEFAULT_MODEL],
     ) -> None:
         self.checkpoint = checkpoint
         self.text = text
@@ -168,6 +190,8 @@ class Pipeline:
         self.silence_latent = silence_latent  # [1, 15000, 64]
         self.device = device
         self.dtype = dtype
+        self.spec = spec
+        self.adapters = AdapterCache()
 
     @classmethod
     def load(
@@ -175,13 +199,16 @@ class Pipeline:
         checkpoint: CheckpointPaths,
         device: str | torch.device = "auto",
         dtype: torch.dtype | None = None,
+        model: str = DEFAULT_MODEL,
     ) -> Pipeline:
+        """Load the checkpoint's DiT (its config.json decides the architecture, `model` the
+        sampler and defaults), VAE and text encoder onto `device`."""
         device = default_device() if str(device) == "auto" else torch.device(device)
         dtype = dtype or default_dtype(device)
         with torch.device("meta"):
-            model = AceStepModel.from_config(read_config(checkpoint.dit_dir))
+            dit = AceStepModel.from_config(read_config(checkpoint.dit_dir))
             vae = OobleckVAE.from_config(read_config(checkpoint.vae_dir))
-        model = load_module(model, checkpoint.dit_dir / "model.safetensors", device, dtype)
+        dit = load_module(dit, checkpoint.dit_dir / "model.safetensors", device, dtype)
         vae = load_module(
             vae, checkpoint.vae_dir / "diffusion_pytorch_model.safetensors", device, dtype
         )
@@ -190,8 +217,10 @@ class Pipeline:
             checkpoint.dit_dir / "silence_latent.pt", map_location="cpu", weights_only=True
         )
         silence = silence.transpose(1, 2).to(device, dtype)  # [1, 64, F] -> [1, F, 64]
-        logger.info("pipeline loaded on %s (%s) from %s", device, dtype, checkpoint.root)
-        return cls(checkpoint, text, model, vae, silence, device, dtype)
+        logger.info(
+            "pipeline %s loaded on %s (%s) from %s", model, device, dtype, checkpoint.dit_dir
+        )
+        return cls(checkpoint, text, dit, vae, silence, device, dtype, MODELS[model])
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> None:
         """Move every resident weight, e.g. to the CPU after running out of GPU memory."""
@@ -220,6 +249,9 @@ class Pipeline:
     @torch.inference_mode()
     def prepare(self, params: GenerationParams, progress: ProgressFn | None = None) -> Conditioning:
         """Prompts, text encoder, audio inputs, condition encoder and noise ("text" stage)."""
+        problem = params.model_problem(self.spec)
+        if problem is not None:
+            raise InvalidRequest(problem)
         if progress:
             progress("text", 0, 1)
         start = time.perf_counter()
@@ -279,6 +311,11 @@ class Pipeline:
         )
         context = self.model.build_context(src_latents, chunk_mask, hints)
         noise = draw_noise([seed], frames, src_latents.shape[-1], self.device, self.dtype)
+        if params.retake_seed is not None and params.retake_variance is not None:
+            retake = draw_noise(
+                [params.retake_seed], frames, src_latents.shape[-1], self.device, self.dtype
+            )
+            noise = mix_retake(noise, retake, params.retake_variance)
         _synchronize(self.device)
         return Conditioning(
             params=params,
@@ -353,22 +390,43 @@ class Pipeline:
 
     @torch.inference_mode()
     def diffuse(self, cond: Conditioning, progress: ProgressFn | None = None) -> torch.Tensor:
-        """Run the 8-step turbo sampler; returns latents [1, T, 64] ("diffusion" stage)."""
+        """Run the model's sampler; returns latents [1, T, 64] ("diffusion" stage)."""
         start = time.perf_counter()
+        params, spec = cond.params, self.spec
 
         def on_step(step: int, total: int) -> None:
             if progress:
                 progress("diffusion", step, total)
 
-        latents = sample_turbo(
-            self.model,
-            cond.noise,
-            cond.encoder_hidden,
-            cond.context,
-            cond.params.shift,
-            repaint=cond.repaint,
-            on_step=on_step,
-        )
+        adapter = None
+        if params.lora is not None:
+            adapter = self.adapters.get(Path(params.lora), self.model)
+        scale = params.lora_scale if params.lora_scale is not None else 1.0
+        shift = params.shift if params.shift is not None else spec.shift
+        inputs = (self.model, cond.noise, cond.encoder_hidden, cond.context)
+        with lora_applied(self.model, adapter or {}, scale):
+            if not spec.guided:
+                latents = sample_turbo(
+                    *inputs,
+                    shift,
+                    steps=params.steps,
+                    dcw=dcw_settings(params, spec),
+                    repaint=cond.repaint,
+                    on_step=on_step,
+                )
+            else:
+                latents = sample_guided(
+                    *inputs,
+                    steps=params.steps or spec.steps,
+                    shift=shift,
+                    guidance_scale=params.guidance_scale or spec.guidance_scale or 1.0,
+                    method=params.guidance or "apg",
+                    interval=tuple(params.guidance_interval or (0.0, 1.0)),
+                    timesteps=params.timesteps,
+                    dcw=dcw_settings(params, spec),
+                    repaint=cond.repaint,
+                    on_step=on_step,
+                )
         _synchronize(self.device)
         cond.timings["diffusion"] = time.perf_counter() - start
         return latents

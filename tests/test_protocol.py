@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from acestep_daemon.family import DEFAULT_MODEL, MODELS
 from acestep_daemon.params import MAX_SEED
 from acestep_daemon.protocol import (
     CommandRequest,
@@ -27,7 +28,8 @@ def test_ace_step_rs_request_keeps_its_defaults():
     request = parse({"caption": "upbeat jazz"})
     assert isinstance(request, GenerateRequest)
     assert (request.lyrics, request.metas, request.language) == ("", "", "en")
-    assert (request.duration_s, request.shift) == (30.0, 3.0)
+    assert (request.duration_s, request.shift) == (30.0, None)  # None: the model's shift
+    assert MODELS[DEFAULT_MODEL].shift == 3.0
     assert request.seed is None and request.output is None
     assert request.progress is False and request.task == "text2music"
 
