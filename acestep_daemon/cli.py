@@ -398,13 +398,14 @@ def _add_make_tiny_checkpoint(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dest", type=Path, help="folder to create")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", choices=tuple(MODELS), default=DEFAULT_MODEL, help="the DiT")
     p.set_defaults(func=cmd_make_tiny_checkpoint)
 
 
 def cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
     from acestep_daemon.tiny import make_tiny_checkpoint
 
-    print(make_tiny_checkpoint(args.dest, seed=args.seed))
+    print(make_tiny_checkpoint(args.dest, seed=args.seed, variant=args.variant))
     return 0
 
 
