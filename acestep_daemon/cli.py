@@ -350,7 +350,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         with _TerminalProgress() as progress:
             audio = pipeline.generate(request.to_params(), progress=progress)
-        write_audio(output, audio.samples, audio.sample_rate, float_wav=args.float_wav)
+        takes = []
+        if request.seeds is None:
+            write_audio(output, audio.samples, audio.sample_rate, float_wav=args.float_wav)
+        else:
+            for take in audio.takes:
+                path = paths.take_path(output, take.seed)
+                write_audio(path, take.samples, audio.sample_rate, float_wav=args.float_wav)
+                takes.append({"path": str(path), "seed": take.seed})
+            output = Path(takes[0]["path"])
     except ValidationError as error:
         print(f"acestep generate: {protocol.describe(error)}", file=sys.stderr)
         return 2
@@ -363,6 +371,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=audio.seed,
         timings=audio.timings,
         device=str(pipeline.device),
+        **({"takes": takes} if takes else {}),
     )
     sys.stdout.write(protocol.encode(answer).decode())
     return 0

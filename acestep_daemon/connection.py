@@ -281,6 +281,7 @@ class _Events:
 
 def _success(result: JobResult) -> dict[str, Any]:
     run = result.run
+    takes = [{"path": str(path), "seed": seed} for path, seed in result.takes]
     return protocol.success_answer(
         path=str(result.path),
         duration_s=run.audio.duration_s,
@@ -291,6 +292,7 @@ def _success(result: JobResult) -> dict[str, Any]:
         fallback=run.fallback,
         oom_retries=run.oom_retries,
         vae_chunk_frames=run.vae_chunk_frames,
+        **({"takes": takes} if takes else {}),
     )
 
 

@@ -27,6 +27,7 @@ from acestep_daemon.errors import AceStepError, Cancelled
 from acestep_daemon.memory import FatalWorkerError, MemoryPolicy, Run, free_memory, move
 from acestep_daemon.options import QUEUE_LIMIT
 from acestep_daemon.params import GenerationParams
+from acestep_daemon.paths import take_path
 from acestep_daemon.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,13 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    """A written file and how it was made."""
+    """The written file(s) and how they were made."""
 
     path: Path
+    """The first take's file."""
     run: Run
+    takes: list[tuple[Path, int]] = field(default_factory=list)
+    """(file, seed) of every take when the request named `seeds`; empty otherwise."""
 
 
 @dataclass(eq=False)
@@ -344,7 +348,15 @@ class GenerationManager:
                 on_fallback=self._count_fallback,
             ).run(job.params, handle._progress)
             job.output.parent.mkdir(parents=True, exist_ok=True)
-            path = write_audio(job.output, run.audio.samples, run.audio.sample_rate)
+            takes = []
+            if job.params.seeds is None:
+                path = write_audio(job.output, run.audio.samples, run.audio.sample_rate)
+            else:
+                for take in run.audio.takes:
+                    target = take_path(job.output, take.seed)
+                    written = write_audio(target, take.samples, run.audio.sample_rate)
+                    takes.append((Path(written), take.seed))
+                path = takes[0][0]
         except FatalWorkerError as error:
             self.counters.failed += 1
             handle._finish(error)
@@ -358,7 +370,7 @@ class GenerationManager:
         else:
             self.counters.generated += 1
             logger.debug("job done in %.2f s", time.monotonic() - started)
-            handle._finish(JobResult(path=Path(path), run=run))
+            handle._finish(JobResult(path=Path(path), run=run, takes=takes))
 
     def _count_retry(self) -> None:
         self.counters.oom_retries += 1

@@ -121,7 +121,9 @@ class MemoryPolicy:
         if device.type != "cuda":
             return True
         free, _ = torch.cuda.mem_get_info(device)
-        frames = latent_frames(params.duration_s)
+        # Every take, and the unconditional half of a guided model's batch, is one more row.
+        rows = len(params.seeds or [0]) * (2 if self.pipeline.spec.guided else 1)
+        frames = latent_frames(params.duration_s) * rows
         budget = free - VRAM_HEADROOM_BYTES - frames * DIFFUSION_BYTES_PER_FRAME
         while self.chunk > VAE_CHUNK_FLOOR and self.chunk * VAE_BYTES_PER_CHUNK_FRAME > budget:
             self.chunk //= 2

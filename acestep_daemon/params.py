@@ -37,6 +37,9 @@ TASKS: tuple[str, ...] = get_args(Task)
 MAX_SEED = 2**64 - 1
 """ace-step-rs clients send the seed as a u64."""
 
+MAX_TAKES = 8
+"""Most seeds of one request (upstream's batch limit)."""
+
 KEY_PATTERN = re.compile(r"^[A-G][#b♯♭]? (major|minor)$")
 """Key/scale as the model was trained on it: note, optional accidental, mode ("F# minor")."""
 
@@ -147,6 +150,12 @@ class GenerationParams(StrictModel):
         description="end of the repainted range; past the source adds an outro; <0: the end",
     )
 
+    seeds: Annotated[list[int] | None, Flag("--seeds")] = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TAKES,
+        description=f"several takes in one batch (at most {MAX_TAKES}), one file each",
+    )
     steps: Annotated[int | None, Flag("--steps")] = Field(
         None,
         ge=1,
@@ -265,8 +274,17 @@ class GenerationParams(StrictModel):
             raise ValueError("timesteps must be strictly decreasing")
         return value
 
+    @field_validator("seeds")
+    @classmethod
+    def _seed_range(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and not all(0 <= seed <= MAX_SEED for seed in value):
+            raise ValueError(f"seeds must lie in 0..{MAX_SEED}")
+        return value
+
     @model_validator(mode="after")
     def _pairs(self) -> GenerationParams:
+        if self.seed is not None and self.seeds is not None:
+            raise ValueError("give seed or seeds, not both")
         if (self.retake_seed is None) != (self.retake_variance is None):
             raise ValueError("retake_seed and retake_variance go together")
         if self.dcw is False and self.dcw_settings_given:

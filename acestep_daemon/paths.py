@@ -49,3 +49,8 @@ def spool_path() -> Path:
     with _spool_lock:
         _last_ms = max(time.time_ns() // 1_000_000, _last_ms + 1)
         return spool_dir() / f"{_last_ms}.ogg"
+
+
+def take_path(output: Path, seed: int) -> Path:
+    """Where the take of `seed` goes when a request asked for several: `<stem>-<seed><ext>`."""
+    return output.with_name(f"{output.stem}-{seed}{output.suffix}")

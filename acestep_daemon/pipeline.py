@@ -70,14 +70,30 @@ SILENT_PEAK = 1e-6
 
 
 @dataclass
-class Audio:
-    """A generated stereo waveform and how it was made."""
+class Take:
+    """One seed's waveform."""
 
-    samples: torch.Tensor  # [2, S] float32 on the CPU
-    sample_rate: int
     seed: int
+    samples: torch.Tensor  # [2, S] float32 on the CPU
+
+
+@dataclass
+class Audio:
+    """The generated stereo waveforms of one request (one per seed) and how they were made."""
+
+    takes: list[Take]
+    sample_rate: int
     duration_s: float
     timings: dict[str, float]
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """The first take's waveform [2, S] (the only one unless `seeds` asked for more)."""
+        return self.takes[0].samples
+
+    @property
+    def seed(self) -> int:
+        return self.takes[0].seed
 
 
 @dataclass
@@ -85,11 +101,11 @@ class Conditioning:
     """Everything the diffusion and decode stages need, on the pipeline's device."""
 
     params: GenerationParams
-    seed: int
+    seeds: list[int]  # one take per seed
     duration_s: float  # length of the output audio
-    encoder_hidden: torch.Tensor  # [1, S, D]
-    context: torch.Tensor  # [1, T, 128]
-    noise: torch.Tensor  # [1, T, 64]
+    encoder_hidden: torch.Tensor  # [B, S, D]
+    context: torch.Tensor  # [B, T, 128]
+    noise: torch.Tensor  # [B, T, 64]
     repaint: RepaintInputs | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -157,6 +173,16 @@ def dcw_settings(params: GenerationParams, spec: ModelSpec) -> DcwSettings | Non
             params.dcw_high_scaler if params.dcw_high_scaler is not None else defaults.high_scaler
         ),
     )
+
+
+def _checked(waveform: torch.Tensor) -> torch.Tensor:
+    """A decoded waveform [2, S], refused when not finite or silent, scaled down to peak 1."""
+    if not torch.isfinite(waveform).all():
+        raise GenerationFailed("the model produced NaN or Inf samples")
+    peak = waveform.abs().max().item()
+    if peak < SILENT_PEAK:
+        raise GenerationFailed("the model produced silence")
+    return waveform / peak if peak > 1.0 else waveform
 
 
 def read_config(folder: Path) -> dict:
@@ -255,7 +281,10 @@ class Pipeline:
         if progress:
             progress("text", 0, 1)
         start = time.perf_counter()
-        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+        seeds = params.seeds or [
+            params.seed if params.seed is not None else secrets.randbelow(2**32)
+        ]
+        seed, takes = seeds[0], len(seeds)
 
         repaint = None
         if params.task == "text2music":
@@ -310,16 +339,24 @@ class Pipeline:
             torch.zeros(1, dtype=torch.long, device=self.device),
         )
         context = self.model.build_context(src_latents, chunk_mask, hints)
-        noise = draw_noise([seed], frames, src_latents.shape[-1], self.device, self.dtype)
+        channels = src_latents.shape[-1]
+        noise = draw_noise(seeds, frames, channels, self.device, self.dtype)  # [B, T, C]
         if params.retake_seed is not None and params.retake_variance is not None:
-            retake = draw_noise(
-                [params.retake_seed], frames, src_latents.shape[-1], self.device, self.dtype
-            )
-            noise = mix_retake(noise, retake, params.retake_variance)
+            retake = [params.retake_seed] * takes
+            retake_noise = draw_noise(retake, frames, channels, self.device, self.dtype)
+            noise = mix_retake(noise, retake_noise, params.retake_variance)
+        if takes > 1:  # one batch: every take shares the condition
+            encoder_hidden = encoder_hidden.expand(takes, -1, -1)
+            context = context.expand(takes, -1, -1)
+            if repaint is not None:
+                repaint = RepaintInputs(
+                    mask=repaint.mask.expand(takes, -1),
+                    clean_latents=repaint.clean_latents.expand(takes, -1, -1),
+                )
         _synchronize(self.device)
         return Conditioning(
             params=params,
-            seed=seed,
+            seeds=seeds,
             duration_s=duration_s,
             encoder_hidden=encoder_hidden,
             context=context,
@@ -442,33 +479,31 @@ class Pipeline:
         *,
         vae_chunk_frames: int = DECODE_CHUNK_FRAMES,
     ) -> Audio:
-        """Tiled VAE decode, checks, anti-clipping and crop ("vae" stage)."""
+        """Tiled VAE decode of each take, checks, anti-clipping and crop ("vae" stage)."""
         start = time.perf_counter()
-        latents = latents.transpose(1, 2).to(self.device, self.dtype)  # [1, 64, T]
+        latents = latents.transpose(1, 2).to(self.device, self.dtype)  # [B, 64, T]
+        count = latents.shape[0]
 
-        def on_chunk(index: int, total: int) -> None:
-            if progress:
-                progress("vae", index, total)
+        takes = []
+        for index, seed in enumerate(cond.seeds):
 
-        waveform = self.vae.tiled_decode(
-            latents,
-            chunk_frames=vae_chunk_frames,
-            on_chunk=on_chunk,
-        )
-        waveform = waveform[0].float().cpu()  # [2, T * 1920]
-        if not torch.isfinite(waveform).all():
-            raise GenerationFailed("the model produced NaN or Inf samples")
-        peak = waveform.abs().max().item()
-        if peak < SILENT_PEAK:
-            raise GenerationFailed("the model produced silence")
-        if peak > 1.0:
-            waveform = waveform / peak
-        samples = min(waveform.shape[1], round(cond.duration_s * SAMPLE_RATE))
+            def on_chunk(chunk: int, total: int, index: int = index) -> None:
+                if progress:
+                    progress("vae", index * total + chunk, count * total)
+
+            waveform = self.vae.tiled_decode(
+                latents[index : index + 1],
+                chunk_frames=vae_chunk_frames,
+                on_chunk=on_chunk,
+            )
+            takes.append(Take(seed, _checked(waveform[0].float().cpu())))  # [2, T * 1920]
+        samples = min(takes[0].samples.shape[1], round(cond.duration_s * SAMPLE_RATE))
+        for take in takes:
+            take.samples = take.samples[:, :samples].contiguous()
         cond.timings["vae"] = time.perf_counter() - start
         return Audio(
-            samples=waveform[:, :samples].contiguous(),
+            takes=takes,
             sample_rate=SAMPLE_RATE,
-            seed=cond.seed,
             duration_s=samples / SAMPLE_RATE,
             timings=dict(cond.timings),
         )

@@ -34,7 +34,7 @@ def generate(daemon: Daemon, tmp_path: Path, **fields: object) -> list[dict]:
         "progress": True,
         **fields,
     }
-    return ask(daemon.socket, request)
+    return ask(daemon.socket, {k: v for k, v in request.items() if v is not None})
 
 
 def diffusion_steps(answers: list[dict]) -> int:
@@ -128,3 +128,22 @@ def test_lora_request_loads_the_adapter_and_a_mismatched_one_is_refused(
     answer = generate(sft, tmp_path / "d", steps=3, lora=str(xl_adapter))[-1]
     assert answer["code"] == "invalid_request" and "does not fit" in answer["error"]
     assert sft.status()["loaded"] is True
+
+
+def test_several_seeds_make_one_file_per_take(xl_turbo: Daemon, tmp_path: Path) -> None:
+    single = generate(xl_turbo, tmp_path / "one", seed=3)[-1]
+    assert "takes" not in single and single["path"] == str(tmp_path / "one" / "take.wav")
+    answers = generate(xl_turbo, tmp_path / "many", seed=None, seeds=[3, 4])
+    answer = answers[-1]
+    assert answer["ok"] is True, answer
+    folder = tmp_path / "many"
+    assert answer["takes"] == [
+        {"path": str(folder / "take-3.wav"), "seed": 3},
+        {"path": str(folder / "take-4.wav"), "seed": 4},
+    ]
+    assert (answer["path"], answer["seed"]) == (str(folder / "take-3.wav"), 3)
+    first, second = (soundfile.read(t["path"])[0] for t in answer["takes"])
+    alone = soundfile.read(single["path"])[0]
+    assert abs(first - alone).max() < 1e-3  # the same take, computed in a batch of two
+    assert abs(first - second).max() > 1e-2
+    assert diffusion_steps(answers) == 8  # one batch, not one run per seed
