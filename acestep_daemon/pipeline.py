@@ -427,7 +427,7 @@ class Pipeline:
 
     @torch.inference_mode()
     def diffuse(self, cond: Conditioning, progress: ProgressFn | None = None) -> torch.Tensor:
-        """Run the model's sampler; returns latents [1, T, 64] ("diffusion" stage)."""
+        """Run the model's sampler; returns latents [B, T, 64] ("diffusion" stage)."""
         start = time.perf_counter()
         params, spec = cond.params, self.spec
 

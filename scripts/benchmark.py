@@ -2,6 +2,7 @@
 """Time the pipeline's stages and measure its peak memory; print a Markdown table.
 
     scripts/benchmark.py --model-dir CHECKPOINT --durations 10 30 240
+    scripts/benchmark.py --dit xl-sft --steps 50 # another model of the family, its steps
     scripts/benchmark.py --model tiny            # plumbing check on random weights
 
 Each duration is generated `--repeats` times after one warm-up run; the table
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from acestep_daemon.checkpoint import resolve_checkpoint
+from acestep_daemon.family import DEFAULT_MODEL, MODELS
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
 from acestep_daemon.params import GenerationParams
 from acestep_daemon.pipeline import Pipeline
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model-dir", type=Path, help="checkpoint folder (default: HF cache)")
     source.add_argument("--model", choices=["tiny"], help="benchmark a fresh tiny checkpoint")
+    parser.add_argument("--dit", choices=tuple(MODELS), default=DEFAULT_MODEL, help="the model")
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--durations", type=float, nargs="+", default=[10.0, 30.0, 240.0])
@@ -51,14 +55,16 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         if args.model == "tiny":
-            checkpoint = resolve_checkpoint(make_tiny_checkpoint(Path(scratch) / "tiny"))
+            tiny = make_tiny_checkpoint(Path(scratch) / "tiny", variant=args.dit)
+            checkpoint = resolve_checkpoint(tiny, model=args.dit)
         else:
-            checkpoint = resolve_checkpoint(args.model_dir)
+            checkpoint = resolve_checkpoint(args.model_dir, model=args.dit)
         dtype = DTYPES[args.dtype] if args.dtype else None
-        pipeline = Pipeline.load(checkpoint, device=args.device, dtype=dtype)
+        pipeline = Pipeline.load(checkpoint, device=args.device, dtype=dtype, model=args.dit)
         device = pipeline.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        print(f"device: {name}, dtype: {pipeline.dtype}, checkpoint: {checkpoint.root.name}")
+        steps = args.steps or MODELS[args.dit].steps
+        print(f"device: {name}, dtype: {pipeline.dtype}, model: {args.dit}, {steps} steps")
         print()
         print(
             "| duration (s) | text (s) | diffusion (s) | VAE (s) | total (s) | × real time "
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 duration_s=duration,
                 lyrics="[Instrumental]",
                 seed=0,
+                steps=args.steps,
             )
             pipeline.generate(params, vae_chunk_frames=args.vae_chunk)
             if device.type == "cuda":
