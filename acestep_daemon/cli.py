@@ -60,6 +60,13 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--socket", type=Path, default=defaults.socket_path, help="%(default)s")
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
     _add_model(p)
+    p.add_argument(
+        "--lora",
+        type=_lora_option,
+        default=None,
+        metavar="PATH[:SCALE]",
+        help="a LoRA adapter (PEFT folder or .safetensors) for requests that name none",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument(
@@ -131,6 +138,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def factory() -> Pipeline:
             paths = resolve_checkpoint(model_dir, model=model)
             pipeline = Pipeline.load(paths, device=args.device, dtype=dtype, model=model)
+            if args.lora is not None:
+                pipeline.adapters.get(args.lora[0], pipeline.model)  # fits, or a clear error
+                pipeline.default_lora = args.lora
             return faults.FaultyPipeline(pipeline, injected) if injected else pipeline
 
         manager = GenerationManager(
@@ -152,6 +162,22 @@ MODEL_CHOICES = (*MODELS, *(TINY_PREFIX + name for name in MODELS))
 def _model_name(text: str) -> str:
     """`tiny` is kept as the short name of `tiny-turbo`."""
     return f"{TINY_PREFIX}{DEFAULT_MODEL}" if text == "tiny" else text
+
+
+def _lora_option(text: str) -> tuple[Path, float]:
+    """`PATH` or `PATH:SCALE` (scale 0-1, default 1); the path must exist."""
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = text
+    if not 0.0 <= scale <= 1.0:
+        raise argparse.ArgumentTypeError(f"LoRA scale {scale} is not in [0, 1]")
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"LoRA adapter {path} does not exist")
+    return Path(path).absolute(), scale
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:

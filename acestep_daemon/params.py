@@ -202,7 +202,7 @@ class GenerationParams(StrictModel):
         None, description="LoRA adapter: a PEFT folder or a .safetensors file"
     )
     lora_scale: Annotated[float | None, Flag("--lora-scale")] = Field(
-        None, ge=0.0, le=1.0, description="strength of the LoRA adapter (1)"
+        None, ge=0.0, le=1.0, description="strength of the LoRA adapter, or of --lora's (1)"
     )
 
     def replace(self, **changes: Any) -> Self:
@@ -289,8 +289,6 @@ class GenerationParams(StrictModel):
             raise ValueError("retake_seed and retake_variance go together")
         if self.dcw is False and self.dcw_settings_given:
             raise ValueError("dcw_mode/dcw_scaler/dcw_high_scaler given with dcw false")
-        if self.lora_scale is not None and self.lora is None:
-            raise ValueError("lora_scale needs lora")
         return self
 
     @property

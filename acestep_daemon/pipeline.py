@@ -218,6 +218,8 @@ class Pipeline:
         self.dtype = dtype
         self.spec = spec
         self.adapters = AdapterCache()
+        self.default_lora: tuple[Path, float] | None = None
+        """The adapter of `acestep serve --lora` and its scale, for requests naming none."""
 
     @classmethod
     def load(
@@ -278,6 +280,8 @@ class Pipeline:
         problem = params.model_problem(self.spec)
         if problem is not None:
             raise InvalidRequest(problem)
+        if params.lora_scale is not None and params.lora is None and self.default_lora is None:
+            raise InvalidRequest("lora_scale: no LoRA adapter named, and none loaded at start")
         if progress:
             progress("text", 0, 1)
         start = time.perf_counter()
@@ -435,13 +439,17 @@ class Pipeline:
             if progress:
                 progress("diffusion", step, total)
 
-        adapter = None
+        adapter, scale = {}, 1.0
         if params.lora is not None:
             adapter = self.adapters.get(Path(params.lora), self.model)
-        scale = params.lora_scale if params.lora_scale is not None else 1.0
+        elif self.default_lora is not None:
+            adapter = self.adapters.get(self.default_lora[0], self.model)
+            scale = self.default_lora[1]
+        if params.lora_scale is not None:
+            scale = params.lora_scale
         shift = params.shift if params.shift is not None else spec.shift
         inputs = (self.model, cond.noise, cond.encoder_hidden, cond.context)
-        with lora_applied(self.model, adapter or {}, scale):
+        with lora_applied(self.model, adapter, scale):
             if not spec.guided:
                 latents = sample_turbo(
                     *inputs,

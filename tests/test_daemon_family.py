@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import soundfile
 
 from acestep_daemon.tiny import dit_config, make_tiny_lora
-from tests.daemon_harness import Daemon, ask, running
+from tests.daemon_harness import REPO, Daemon, ask, daemon_env, running
 
 DURATION_S = 1.0
 
@@ -147,3 +149,27 @@ def test_several_seeds_make_one_file_per_take(xl_turbo: Daemon, tmp_path: Path) 
     assert abs(first - alone).max() < 1e-3  # the same take, computed in a batch of two
     assert abs(first - second).max() > 1e-2
     assert diffusion_steps(answers) == 8  # one batch, not one run per seed
+
+
+def test_lora_given_at_start_serves_requests_that_name_none(tmp_path: Path) -> None:
+    adapter = make_tiny_lora(tmp_path / "lora", dit_config("sft"))
+    with running(tmp_path, "--model", "tiny-sft", "--lora", f"{adapter}:0.5") as daemon:
+        default = generate(daemon, tmp_path / "a", steps=2)[-1]
+        named = generate(daemon, tmp_path / "b", steps=2, lora=str(adapter), lora_scale=0.5)[-1]
+        base = generate(daemon, tmp_path / "c", steps=2, lora_scale=0.0)[-1]
+        read = [soundfile.read(a["path"])[0] for a in (default, named, base)]
+        assert (read[0] == read[1]).all()
+        assert not (read[0] == read[2]).all()
+
+
+def test_missing_lora_at_start_is_refused_before_serving(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "acestep_daemon", "serve", "--lora", str(tmp_path / "nope")],
+        cwd=REPO,
+        env=daemon_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2 and "does not exist" in result.stderr

@@ -26,7 +26,6 @@ def params(**fields: object) -> GenerationParams:
         ({"retake_seed": 4, "retake_variance": 1.5}, "retake_variance"),
         ({"dcw": False, "dcw_mode": "low"}, "dcw false"),
         ({"dcw_mode": "band"}, "dcw_mode"),
-        ({"lora_scale": 0.5}, "needs lora"),
         ({"lora": "relative/adapter"}, "absolute"),
         ({"lora": "/nonexistent/adapter"}, "does not exist"),
         ({"timesteps": [1.0, 0.5, 0.5, 0.0]}, "strictly decreasing"),
