@@ -8,7 +8,7 @@ is merged into the weights, so removing it restores the base model exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -69,10 +69,16 @@ def lora_applied(model: nn.Module, adapter: LoraAdapter, scale: float) -> Iterat
             handle.remove()
 
 
-def _hook(update: LoraUpdate, scale: float):
+Hook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
+
+
+def _hook(update: LoraUpdate, scale: float) -> Hook:
+    """A forward hook adding the update, [..., in] -> [..., out], to the projection's output."""
     factor = update.scaling * scale
 
-    def add_update(_: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
+    def add_update(
+        _: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
         low = F.linear(inputs[0], update.down)  # [..., r]
         return output + F.linear(low, update.up) * factor
 
