@@ -406,7 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model-dir", type=Path, help="checkpoint folder (default: HF cache)")
     source.add_argument("--model", choices=["tiny"], help="a fresh tiny checkpoint")
-    source.add_argument("--random-full", action="store_true", help="full-size random weights")
+    source.add_argument(
+        "--random-full",
+        nargs="?",
+        const=True,
+        metavar="DIR",
+        help="full-size random weights (in DIR, written there once and reused, if given)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--durations", type=float, nargs="+", default=list(DEFAULT_DURATIONS))
@@ -430,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.model == "tiny":
             checkpoint = tiny
         elif args.random_full:
-            checkpoint = write_random_full_checkpoint(scratch / "random-full")
+            folder = scratch / "random-full" if args.random_full is True else Path(args.random_full)
+            done = folder / "complete"
+            checkpoint = folder if done.exists() else write_random_full_checkpoint(folder)
+            done.touch()
         else:
             checkpoint = resolve_checkpoint(args.model_dir).root
         device = torch.device(
