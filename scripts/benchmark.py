@@ -155,6 +155,7 @@ def set_fast_paths(pipeline: Pipeline, enabled: bool) -> None:
     """Switch every fast path of the model code on or off (results stay within tolerance)."""
     pipeline.model.decoder.reuse_step_constants = enabled
     pipeline.model.decoder.mask_free_attention = enabled
+    pipeline.model.decoder.banded_attention = enabled
     pipeline.vae.fold_weight_norm = enabled
 
 
