@@ -24,3 +24,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from acestep_daemon.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random 5 Hz LM folder (seed 0, `acestep-5Hz-lm-0.6B` layout); read-only."""
+    from acestep_daemon.tiny.lm import LM_FOLDER, write_tiny_lm
+
+    return write_tiny_lm(tmp_path_factory.mktemp("tiny-lm") / LM_FOLDER)
