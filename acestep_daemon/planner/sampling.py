@@ -39,7 +39,8 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (in place); k <= 0 keeps all."""
     if k > 0:
-        logits[logits < torch.topk(logits, k)[0][..., -1, None]] = float("-inf")
+        kth = torch.topk(logits, min(k, logits.shape[-1]))[0][..., -1, None]
+        logits[logits < kth] = float("-inf")
     return logits
 
 
