@@ -202,8 +202,9 @@ class CodeVocabulary:
         self.token_ids = torch.tensor(ids, dtype=torch.long)  # [64000], code -> token id
         self.mask = torch.full((vocab_size,), float("-inf"))  # [V]
         self.mask[self.token_ids] = 0.0
-        self._code_of = {token: code for code, token in enumerate(ids)}
+        self._code_of = torch.full((vocab_size,), -1, dtype=torch.long)  # [V], token -> code
+        self._code_of[self.token_ids] = torch.arange(CODEBOOK_SIZE)
 
-    def code(self, token: int) -> int:
-        """The audio code of an allowed token."""
-        return self._code_of[token]
+    def codes_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Audio codes of allowed tokens [N] (any device) -> [N] long on the CPU."""
+        return self._code_of[tokens.cpu()]

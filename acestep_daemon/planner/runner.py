@@ -49,11 +49,11 @@ class _Streams:
         self._cache = out.past_key_values
         return out.logits[:, -1]
 
-    def feed(self, tokens: list[int]) -> None:
-        """Append the same tokens to every row."""
+    def feed(self, tokens: list[int] | torch.Tensor) -> None:
+        """Append the same tokens (a list, or a [k] tensor on the device) to every row."""
         rows = self._mask.shape[0]
-        ids = torch.tensor([tokens], device=self._mask.device).expand(rows, -1)  # [S, k]
-        self._mask = torch.cat([self._mask, torch.ones_like(ids)], dim=1)
+        ids = torch.as_tensor(tokens, device=self._mask.device).view(1, -1).expand(rows, -1)
+        self._mask = torch.cat([self._mask, torch.ones_like(ids)], dim=1)  # ids [S, k]
         self.logits = self._forward(ids)
 
     def guided(self, options: SamplingOptions) -> torch.Tensor:
@@ -137,12 +137,11 @@ class LMRunner:
         """
         streams = self._streams(cond_prompt, uncond_prompt, options)
         mask = self.codes.mask.to(self.device)  # [V]
-        codes: list[int] = []
+        tokens = torch.empty(count, dtype=torch.long, device=self.device)  # stays on the device
         for i in range(count):
-            token = int(sample(streams.guided(options) + mask, options, generator)[0])
-            codes.append(self.codes.code(token))
+            tokens[i : i + 1] = sample(streams.guided(options) + mask, options, generator)
             if progress is not None and ((i + 1) % every == 0 or i + 1 == count):
                 progress(i + 1)
             if i + 1 < count:
-                streams.feed([token])
-        return codes
+                streams.feed(tokens[i : i + 1])
+        return self.codes.codes_of(tokens).tolist()
