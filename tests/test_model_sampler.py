@@ -13,7 +13,8 @@ from acestep_daemon.model import draw_noise, sample_turbo, snap_shift, turbo_tim
 from acestep_daemon.model.attention import rope_inv_freq
 from acestep_daemon.model.tokenizer import fsq_codes
 
-# MODEL.md §6.4: the values the official sampler actually uses under bf16.
+# The values the official turbo sampler actually uses under bf16 (its timestep table
+# rounded to bfloat16 before use).
 BF16_TIMESTEPS = {
     3.0: [1.0, 0.953125, 0.8984375, 0.83203125, 0.75, 0.64453125, 0.5, 0.30078125],
     2.0: [1.0, 0.93359375, 0.85546875, 0.76953125, 0.66796875, 0.546875, 0.400390625, 0.22265625],
