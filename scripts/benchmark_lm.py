@@ -35,7 +35,7 @@ def timed_plan(runner: LMRunner, duration: float, seed: int) -> tuple[float, int
     counts = {"metas": 0, "codes": 0}
 
     def note(phase: str):
-        def progress(count: int) -> None:
+        def progress(count: int, of: int) -> None:
             counts[phase] = count
             marks[phase] = time.perf_counter()
 

@@ -109,9 +109,11 @@ def test_two_hundred_sampled_thoughts_always_parse_and_respect_every_range(
 ) -> None:
     rng = random.Random(2026)
     runner = LMRunner(RandomLogitsLM(len(tokenizer), seed=5), tokenizer)
+    over_bound: list[tuple[int, int]] = []
+    phases = PhaseProgress(metas=lambda n, of: over_bound.extend([(n, of)] if n > of else []))
     for _ in range(200):
         request = random_request(rng)
-        plan = make_plan(runner, request, "metas")
+        plan = make_plan(runner, request, "metas", phases)
         assert_valid(plan.metas)
         given = request.given().known()
         assert {k: plan.metas.known()[k] for k in given} == given  # the caller's values win
@@ -121,6 +123,7 @@ def test_two_hundred_sampled_thoughts_always_parse_and_respect_every_range(
         else:
             assert plan.duration_s == request.duration_s  # never overridden
         assert set(plan.inferred) == set(PLANNED_FIELDS) - set(given)
+    assert over_bound == []  # the progress bound of the thought holds
 
 
 def test_thought_is_skipped_when_bpm_key_meter_and_duration_are_given(
@@ -210,7 +213,8 @@ def test_progress_callback_can_cancel_between_codes(runner: LMRunner) -> None:
     class Stop(Exception):
         pass
 
-    def progress(count: int) -> None:
+    def progress(count: int, of: int) -> None:
+        assert of == 50
         seen.append(count)
         if count >= 4:
             raise Stop
@@ -225,9 +229,11 @@ def test_progress_callback_can_cancel_between_codes(runner: LMRunner) -> None:
 
 
 def test_progress_reports_each_phase(runner: LMRunner) -> None:
-    metas: list[int] = []
-    codes: list[int] = []
+    metas: list[tuple[int, int]] = []
+    codes: list[tuple[int, int]] = []
     request = PlanRequest("folk song", duration_s=10.0, seed=5)
-    make_plan(runner, request, "full", PhaseProgress(metas.append, codes.append))
+    phases = PhaseProgress(lambda *a: metas.append(a), lambda *a: codes.append(a))
+    make_plan(runner, request, "full", phases)
     assert metas == sorted(metas) and len(metas) > 5
-    assert codes == [25, 50]
+    assert len({of for _, of in metas}) == 1 and metas[-1][0] <= metas[-1][1]
+    assert codes == [(25, 50), (50, 50)]

@@ -135,6 +135,14 @@ class ThoughtDecoder:
         self._enter()
 
     @property
+    def max_tokens(self) -> int:
+        """An upper bound of the thought's length in tokens (forced runs + longest values)."""
+        return sum(
+            len(step) if isinstance(step, list) else 1 + max(map(len, step.tree))
+            for step in self._steps
+        )
+
+    @property
     def done(self) -> bool:
         return self._index >= len(self._steps)
 

@@ -19,8 +19,8 @@ from transformers.tokenization_utils_fast import PreTrainedTokenizerFast
 from .constraints import CodeVocabulary, ThoughtDecoder, ThoughtGrammar
 from .sampling import SamplingOptions, guide, sample
 
-Progress = Callable[[int], None]
-"""Called with the number of tokens (thought) or codes (phase 2) written so far."""
+Progress = Callable[[int, int], None]
+"""(written, of): tokens of the thought (of = the grammar's upper bound) or codes so far."""
 
 
 class _Streams:
@@ -116,7 +116,7 @@ class LMRunner:
             for token in tokens:
                 decoder.advance(token)
             if progress is not None:
-                progress(len(decoder.tokens))
+                progress(len(decoder.tokens), decoder.max_tokens)
             if decoder.done:
                 return self.tokenizer.decode(decoder.tokens)
             streams.feed(tokens)
@@ -141,7 +141,7 @@ class LMRunner:
         for i in range(count):
             tokens[i : i + 1] = sample(streams.guided(options) + mask, options, generator)
             if progress is not None and ((i + 1) % every == 0 or i + 1 == count):
-                progress(i + 1)
+                progress(i + 1, count)
             if i + 1 < count:
                 streams.feed(tokens[i : i + 1])
         return self.codes.codes_of(tokens).tolist()
