@@ -161,6 +161,8 @@ def _hub_offline() -> bool:
 
 
 LM_SIZES = ("0.6B", "1.7B", "4B")
+DEFAULT_LM = "1.7B"
+"""The LM the official API defaults to; it ships inside the main repo."""
 LM_TOKENIZER_FILES = (
     "config.json",
     "tokenizer.json",
