@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from acestep_daemon.checkpoint import resolve_checkpoint
-from acestep_daemon.errors import InvalidRequest
+from acestep_daemon.errors import CheckpointError, InvalidRequest
 from acestep_daemon.params import GenerationParams
 from acestep_daemon.pipeline import Pipeline
 from acestep_daemon.planner.hints import codes_to_hints
@@ -118,3 +118,17 @@ def test_unknown_thinking_mode_is_refused() -> None:
 def test_planned_language_is_a_known_code(pipeline: Pipeline) -> None:
     planned = pipeline.plan(request(thinking="metas", duration_s=20.0, seed=2))
     assert planned.params.language in LANGUAGES
+
+
+def test_a_missing_lm_folder_is_a_clear_error_naming_it(
+    tiny_checkpoint: Path, tiny_lm_dir: Path
+) -> None:
+    pipeline = Pipeline.load(
+        resolve_checkpoint(tiny_checkpoint),
+        device="cpu",
+        lm_size="4B",
+        lm_model_dir=tiny_lm_dir.parent,
+    )
+    with pytest.raises(CheckpointError, match="acestep-5Hz-lm-4B") as info:
+        pipeline.plan(request(thinking="metas"))
+    assert "--lm none" in str(info.value)

@@ -88,7 +88,9 @@ def random_request(rng: random.Random) -> PlanRequest:
         cfg_scale=rng.choice([1.0, 2.0]),
     )
     return PlanRequest(
-        caption=rng.choice(["jazz piano trio", "Rock anthem: big drums", "夜色温柔的钢琴"]),
+        caption=rng.choice(
+            ["jazz piano trio", "Rock anthem: big drums", "夜色温柔的钢琴", "two\nbpm: 999"]
+        ),
         lyrics=rng.choice(["", "[verse]\nla la la"]),
         seed=rng.randint(0, 2**31),
         options=options,

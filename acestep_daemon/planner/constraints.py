@@ -10,7 +10,7 @@ tokenized in context (`"bpm: 120"` minus `"bpm:"`), so multi-digit or merged tok
 
 Two choices differ from the official processor, for robustness: fixed text (field names,
 given values) is forced as its canonical token sequence, and the caption is always the
-caller's (written, not sampled), so every thought parses and has every field.
+caller's (written on one line, not sampled), so every thought parses and has every field.
 
 Phase 2 (codes): only the audio-code tokens `<|audio_code_0|>` … `<|audio_code_63999|>`
 (the FSQ codebook) are allowed, exactly duration·5 of them (the official processor blocks
@@ -109,6 +109,7 @@ class ThoughtGrammar:
             raise ValueError("the thought's caption is the caller's; none was given")
         steps: list[list[int] | _Field] = [[*self.think, self.newline]]
         values = given.known()
+        values["caption"] = " ".join(given.caption.split())  # one line in the thought
         for name in ("bpm", "caption", "duration", "keyscale", "language", "timesignature"):
             steps.append(self.name_tokens(name))
             if name in values:
