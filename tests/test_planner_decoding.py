@@ -24,9 +24,16 @@ from acestep_daemon.planner.metas import (
     format_thought,
 )
 from acestep_daemon.planner.plan import PLANNED_FIELDS, PhaseProgress
-from acestep_daemon.planner.prompt import codes_prompt, codes_unconditional_prompt
+from acestep_daemon.planner.prompt import (
+    codes_prompt,
+    codes_unconditional_prompt,
+    metas_prompt,
+    metas_unconditional_prompt,
+)
 
-CODES_FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "lm_codes.json").read_text())
+FIXTURES = Path(__file__).parent / "fixtures"
+CODES_FIXTURE = json.loads((FIXTURES / "lm_codes.json").read_text())
+THOUGHT_FIXTURE = json.loads((FIXTURES / "lm_thoughts.json").read_text())
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -185,11 +192,46 @@ def official_case_codes(runner: LMRunner, case: dict, **changes: object) -> list
     )
 
 
-def test_fixture_was_made_with_this_tiny_lm(tiny_lm_dir: Path) -> None:
+@pytest.mark.parametrize("fixture", [CODES_FIXTURE, THOUGHT_FIXTURE], ids=["codes", "thoughts"])
+def test_fixture_was_made_with_this_tiny_lm(tiny_lm_dir: Path, fixture: dict) -> None:
     import hashlib
 
-    for name, digest in CODES_FIXTURE["sha256"].items():
+    for name, digest in fixture["sha256"].items():
         assert hashlib.sha256((tiny_lm_dir / name).read_bytes()).hexdigest() == digest, name
+
+
+def official_thought(runner: LMRunner, case: dict, **changes: object) -> str:
+    given = dict(case["user"])
+    if "timesignature" in given:
+        given["timesignature"] = int(given["timesignature"])
+    options = SamplingOptions(
+        **{"temperature": 0.0, "cfg_scale": case["cfg_scale"], "negative": case["negative"]}
+        | changes
+    )
+    caption, lyrics = case["caption"], case["lyrics"]
+    return runner.write_thought(
+        metas_prompt(runner.tokenizer, caption, lyrics),
+        metas_unconditional_prompt(runner.tokenizer, lyrics, options.negative),
+        runner.grammar.decoder(Metas(caption=caption, **given)),
+        options,
+        torch.Generator(),
+    )
+
+
+@pytest.mark.parametrize(
+    "case", THOUGHT_FIXTURE["cases"], ids=[f"case{i}" for i in range(len(THOUGHT_FIXTURE["cases"]))]
+)
+def test_greedy_thought_equals_the_official_constrained_decoder(
+    runner: LMRunner, case: dict
+) -> None:
+    # the official phase 1 stops with end-of-sequence where our decoder simply ends
+    assert official_thought(runner, case) + "<|im_end|>" == case["text"]
+
+
+@pytest.mark.parametrize("change", [{"cfg_scale": 3.0}, {"negative": "x"}])
+def test_thought_fixture_catches_a_changed_guidance(runner: LMRunner, change: dict) -> None:
+    case = THOUGHT_FIXTURE["cases"][2]
+    assert official_thought(runner, case, **change) + "<|im_end|>" != case["text"]
 
 
 @pytest.mark.parametrize(
