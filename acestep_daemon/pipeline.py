@@ -71,7 +71,7 @@ SILENT_PEAK = 1e-6
 """A waveform whose peak stays below this is treated as failed output."""
 
 
-PLANNED_FIELDS = {
+REQUEST_FIELD_OF = {
     "bpm": "bpm",
     "keyscale": "key",
     "timesignature": "time_signature",
@@ -246,7 +246,7 @@ class Pipeline:
     def move_lm(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the LM alone (the DiT stays), e.g. to the CPU after running out of memory."""
         if self.lm is not None:
-            self.lm.model.to(device, dtype)
+            self.lm.to(device, dtype)
         self.lm_at = (device, dtype)
 
     def planner(self) -> LMRunner:
@@ -304,7 +304,7 @@ class Pipeline:
         plan = make_plan(self.planner(), request, params.thinking, phases)
         planned = plan.metas.known() | {"duration": plan.duration_s}
         planned["timesignature"] = str(planned["timesignature"])
-        inferred = {PLANNED_FIELDS[name]: planned[name] for name in plan.inferred}
+        inferred = {REQUEST_FIELD_OF[name]: planned[name] for name in plan.inferred}
         return Planned(
             params=params.replace(seed=seed, **inferred),
             inferred=inferred,

@@ -38,6 +38,10 @@ def test_metas_fills_only_missing_fields_and_the_answer_says_which(daemon: Daemo
     assert thinking["mode"] == "metas" and thinking["codes"] is None
     assert set(thinking["inferred"]) == {"key", "time_signature", "language"}
     assert "plan" in answer["timings"]
+    status = daemon.status()
+    assert (status["lm"], status["lm_loaded"]) == ("0.6B", True)
+    assert daemon.ask({"command": "unload"})["ok"] is True  # the LM goes with the pipeline
+    assert daemon.status()["lm_loaded"] is False
 
 
 def test_full_answers_audio_with_progress_per_phase(daemon: Daemon, tmp_path: Path):

@@ -83,9 +83,9 @@ class LMRunner:
     def device(self) -> torch.device:
         return self.model.device
 
-    def to(self, device: torch.device | str) -> LMRunner:
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LMRunner:
         """Move the network (e.g. to the CPU when the GPU runs out of memory)."""
-        self.model.to(device)
+        self.model.to(device, dtype)
         return self
 
     def _streams(self, cond: str, uncond: str, options: SamplingOptions) -> _Streams:
