@@ -13,12 +13,8 @@ from tests.daemon_harness import Daemon, ask, daemon_env, running
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_lm_dir: Path):
-    """A model folder holding the tiny checkpoint's folders and the tiny LM folder."""
-    root = tmp_path_factory.mktemp("with-lm")
-    for folder in (*tiny_checkpoint.iterdir(), tiny_lm_dir):
-        (root / folder.name).symlink_to(folder, target_is_directory=True)
-    return root
+def model_dir(tiny_checkpoint_with_lm: Path) -> Path:
+    return tiny_checkpoint_with_lm
 
 
 @pytest.fixture(scope="module")
