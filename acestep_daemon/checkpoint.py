@@ -245,6 +245,8 @@ def resolve_lm(size: str, model_dir: Path | None, *, download: bool = True) -> P
 
 
 def _verified_lm(folder: Path, how: str) -> Path:
+    if not folder.is_dir():
+        raise CheckpointError(f"no LM folder {folder}.\n{how}")
     missing = missing_lm_files(folder)
     if missing:
         raise CheckpointError(

@@ -92,6 +92,11 @@ def test_missing_shard_of_an_index_is_named(tmp_path: Path) -> None:
         resolve_lm("4B", tmp_path)
 
 
+def test_model_dir_without_the_lm_folder_says_so(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"no LM folder .*acestep-5Hz-lm-1\.7B"):
+        resolve_lm("1.7B", tmp_path)
+
+
 def test_unknown_size_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=re.escape("0.6B, 1.7B, 4B")):
         resolve_lm("7B", tmp_path)
