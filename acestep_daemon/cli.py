@@ -27,6 +27,7 @@ from pydantic_core import PydanticUndefined
 from tqdm import tqdm
 
 from acestep_daemon import paths, units
+from acestep_daemon.checkpoint import DEFAULT_LM, LM_SIZES
 from acestep_daemon.options import ServerOptions
 from acestep_daemon.params import Flag
 from acestep_daemon.protocol import CommandName, GenerateRequest
@@ -66,6 +67,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    _add_lm(p)
     p.add_argument(
         "--queue-limit",
         type=int,
@@ -84,6 +86,19 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
+
+
+def _add_lm(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lm",
+        choices=(*LM_SIZES, "none"),
+        default=DEFAULT_LM,
+        help="5 Hz LM planner for `thinking` requests, loaded on first use (%(default)s)",
+    )
+
+
+def _lm_size(args: argparse.Namespace) -> str | None:
+    return None if args.lm == "none" else args.lm
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -130,7 +145,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         injected = faults.plan_from_env()
 
         def factory() -> Pipeline:
-            pipeline = Pipeline.load(resolve_checkpoint(model_dir), device=args.device, dtype=dtype)
+            pipeline = Pipeline.load(
+                resolve_checkpoint(model_dir),
+                device=args.device,
+                dtype=dtype,
+                lm_size=_lm_size(args),
+                lm_model_dir=model_dir,
+            )
             return faults.FaultyPipeline(pipeline, injected) if injected else pipeline
 
         manager = GenerationManager(
@@ -281,6 +302,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    _add_lm(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -304,7 +326,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         output = Path(request.output)
         output.parent.mkdir(parents=True, exist_ok=True)
         checkpoint = resolve_checkpoint(args.model_dir)
-        pipeline = Pipeline.load(checkpoint, device=args.device, dtype=_torch_dtype(args.dtype))
+        pipeline = Pipeline.load(
+            checkpoint,
+            device=args.device,
+            dtype=_torch_dtype(args.dtype),
+            lm_size=_lm_size(args),
+            lm_model_dir=args.model_dir,
+        )
         with _TerminalProgress() as progress:
             audio = pipeline.generate(request.to_params(), progress=progress)
         write_audio(output, audio.samples, audio.sample_rate, float_wav=args.float_wav)
@@ -320,6 +348,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=audio.seed,
         timings=audio.timings,
         device=str(pipeline.device),
+        **({"thinking": audio.thinking} if audio.thinking is not None else {}),
     )
     sys.stdout.write(protocol.encode(answer).decode())
     return 0

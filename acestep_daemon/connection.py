@@ -286,6 +286,7 @@ def _success(result: JobResult) -> dict[str, Any]:
         fallback=run.fallback,
         oom_retries=run.oom_retries,
         vae_chunk_frames=run.vae_chunk_frames,
+        **({"thinking": run.audio.thinking} if run.audio.thinking is not None else {}),
     )
 
 

@@ -206,6 +206,8 @@ class GenerationManager:
             "uptime_s": round(time.monotonic() - self._started, 1),
             "free_vram_bytes": free_vram,
             "model_dir": self._model_dir,
+            "lm": None if pipeline is None else pipeline.lm_size,
+            "lm_loaded": pipeline is not None and pipeline.lm is not None,
             **vars(self.counters),
         }
 

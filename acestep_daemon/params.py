@@ -26,6 +26,9 @@ from acestep_daemon.constants import MAX_DURATION_S, MIN_DURATION_S
 Task = Literal["text2music", "repaint", "cover"]
 TASKS: tuple[str, ...] = get_args(Task)
 
+Thinking = Literal["off", "metas", "full"]
+"""The 5 Hz LM planner: off; metas fills in what the request left out; full adds codes."""
+
 MAX_SEED = 2**64 - 1
 """ace-step-rs clients send the seed as a u64."""
 
@@ -135,6 +138,12 @@ class GenerationParams(StrictModel):
         description="end of the repainted range; past the source adds an outro; <0: the end",
     )
 
+    thinking: Annotated[Thinking, Flag("--thinking")] = Field(
+        "off",
+        description="5 Hz LM planner: off; metas: it fills in bpm, key, time signature, "
+        "duration and language left out; full: metas plus audio codes that guide the song",
+    )
+
     def replace(self, **changes: Any) -> Self:
         """A copy with some fields changed, validated like a new request."""
         return type(self).model_validate({**self.model_dump(), **changes})
@@ -184,4 +193,6 @@ class GenerationParams(StrictModel):
             raise ValueError("repaint_start_s/repaint_end_s are only used by the repaint task")
         if end is not None and 0 <= end <= (start or 0.0):
             raise ValueError("repaint_end_s must be after repaint_start_s")
+        if self.thinking != "off" and self.task != "text2music":
+            raise ValueError("thinking plans text2music songs; repaint and cover keep their source")
         return self

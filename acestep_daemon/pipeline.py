@@ -2,15 +2,17 @@
 
 This is the only module that wires the text encoder, the ACE-Step network, the
 VAE and a device together (upstream: `AceStepHandler` in `acestep/handler.py`).
-A request runs in three stages, each a method, so that the daemon's
+A request runs in up to four stages, each a method, so that the daemon's
 out-of-memory policy can retry one stage:
 
+    plan     ("lm-thought", "lm-codes")  only with `thinking`: the 5 Hz LM fills in
+                            what the request left out, and in full mode writes audio codes
     prepare  ("text")       prompts → Qwen3 → condition encoder; audio inputs → VAE
-                            latents; seed → noise
+                            latents; planned codes → context hints; seed → noise
     diffuse  ("diffusion")  the 8-step turbo sampler
     decode   ("vae")        tiled VAE decode, anti-clipping, crop to the request
 
-`generate` runs all three.
+`generate` runs them all.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from acestep_daemon.audio import read_audio
-from acestep_daemon.checkpoint import CheckpointPaths
+from acestep_daemon.checkpoint import CheckpointPaths, resolve_lm
 from acestep_daemon.constants import (
     LATENT_HOP,
     MAX_DURATION_S,
@@ -41,7 +44,10 @@ from acestep_daemon.errors import GenerationFailed, InvalidRequest
 from acestep_daemon.model import AceStepModel
 from acestep_daemon.model.sampler import RepaintInputs, draw_noise, sample_turbo
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES, OobleckVAE
-from acestep_daemon.params import GenerationParams
+from acestep_daemon.params import GenerationParams, time_signature_numerator
+from acestep_daemon.planner import LMRunner, PlanRequest, make_plan
+from acestep_daemon.planner.hints import codes_to_hints
+from acestep_daemon.planner.plan import PhaseProgress
 from acestep_daemon.text import (
     INSTRUCTIONS,
     TextEncoder,
@@ -65,6 +71,16 @@ SILENT_PEAK = 1e-6
 """A waveform whose peak stays below this is treated as failed output."""
 
 
+REQUEST_FIELD_OF = {
+    "bpm": "bpm",
+    "keyscale": "key",
+    "timesignature": "time_signature",
+    "language": "language",
+    "duration": "duration_s",
+}
+"""The planner's fields and the request fields they fill in."""
+
+
 @dataclass
 class Audio:
     """A generated stereo waveform and how it was made."""
@@ -74,6 +90,21 @@ class Audio:
     seed: int
     duration_s: float
     timings: dict[str, float]
+    thinking: dict[str, Any] | None = None  # what the planner did (mode, inferred, codes)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A request after the planner: its parameters with the planned values filled in."""
+
+    params: GenerationParams  # the caller's values kept, the rest planned, the seed fixed
+    inferred: dict[str, Any]  # request field -> value the LM chose
+    codes: list[int] | None  # 5 Hz audio codes (full mode)
+    seconds: float
+
+    def report(self) -> dict[str, Any]:
+        codes = None if self.codes is None else len(self.codes)
+        return {"mode": self.params.thinking, "inferred": self.inferred, "codes": codes}
 
 
 @dataclass
@@ -88,6 +119,7 @@ class Conditioning:
     noise: torch.Tensor  # [1, T, 64]
     repaint: RepaintInputs | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    planned: Planned | None = None
 
     @property
     def frames(self) -> int:
@@ -160,6 +192,8 @@ class Pipeline:
         silence_latent: torch.Tensor,
         device: torch.device,
         dtype: torch.dtype,
+        lm_size: str | None = None,
+        lm_model_dir: Path | None = None,
     ) -> None:
         self.checkpoint = checkpoint
         self.text = text
@@ -168,6 +202,10 @@ class Pipeline:
         self.silence_latent = silence_latent  # [1, 15000, 64]
         self.device = device
         self.dtype = dtype
+        self.lm_size = lm_size  # 5 Hz LM size, loaded on first use; None: no planner
+        self.lm_model_dir = lm_model_dir  # explicit model folder, else the HF cache
+        self.lm: LMRunner | None = None
+        self.lm_at = (device, dtype)  # where the LM runs (the CPU after running out of memory)
 
     @classmethod
     def load(
@@ -175,7 +213,11 @@ class Pipeline:
         checkpoint: CheckpointPaths,
         device: str | torch.device = "auto",
         dtype: torch.dtype | None = None,
+        *,
+        lm_size: str | None = None,
+        lm_model_dir: Path | None = None,
     ) -> Pipeline:
+        """Load the DiT, VAE and text encoder; the LM of `lm_size` loads on first use."""
         device = default_device() if str(device) == "auto" else torch.device(device)
         dtype = dtype or default_dtype(device)
         with torch.device("meta"):
@@ -191,7 +233,7 @@ class Pipeline:
         )
         silence = silence.transpose(1, 2).to(device, dtype)  # [1, 64, F] -> [1, F, 64]
         logger.info("pipeline loaded on %s (%s) from %s", device, dtype, checkpoint.root)
-        return cls(checkpoint, text, model, vae, silence, device, dtype)
+        return cls(checkpoint, text, model, vae, silence, device, dtype, lm_size, lm_model_dir)
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> None:
         """Move every resident weight, e.g. to the CPU after running out of GPU memory."""
@@ -202,6 +244,23 @@ class Pipeline:
         self.text.to(device, dtype)
         self.silence_latent = self.silence_latent.to(device, dtype)
         self.device, self.dtype = device, dtype
+        self.move_lm(device, dtype)
+
+    def move_lm(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the LM alone (the DiT stays), e.g. to the CPU after running out of memory."""
+        if self.lm is not None:
+            self.lm.to(device, dtype)
+        self.lm_at = (device, dtype)
+
+    def planner(self) -> LMRunner:
+        """The 5 Hz LM, loaded on first use where `lm_at` says."""
+        if self.lm_size is None:
+            raise InvalidRequest("thinking needs the 5 Hz LM, and this daemon runs with --lm none")
+        if self.lm is None:
+            folder = resolve_lm(self.lm_size, self.lm_model_dir)
+            self.lm = LMRunner.load(folder, *self.lm_at)
+            logger.info("5 Hz LM loaded on %s (%s) from %s", *self.lm_at, folder)
+        return self.lm
 
     def generate(
         self,
@@ -210,19 +269,71 @@ class Pipeline:
         progress: ProgressFn | None = None,
         vae_chunk_frames: int = DECODE_CHUNK_FRAMES,
     ) -> Audio:
-        """text2music, repaint or cover for one request."""
-        cond = self.prepare(params, progress)
+        """text2music (planned or not), repaint or cover for one request."""
+        cond = self.prepare(params, progress, self.plan(params, progress))
         latents = self.diffuse(cond, progress)
         return self.decode(cond, latents, progress, vae_chunk_frames=vae_chunk_frames)
+
+    # -- stage 0: the planner -------------------------------------------------------
+
+    def plan(self, params: GenerationParams, progress: ProgressFn | None = None) -> Planned | None:
+        """Run the 5 Hz LM when the request asks for thinking; None when it does not.
+
+        Values the caller gave (`model_fields_set`) are kept; the LM plans the rest. The
+        seed is fixed here, so the plan and the song come from one seed.
+        """
+        if params.thinking == "off":
+            return None
+        start = time.perf_counter()
+        given = params.model_fields_set
+        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+        meter = params.time_signature
+        request = PlanRequest(
+            caption=params.caption,
+            lyrics=params.lyrics,
+            bpm=params.bpm,
+            keyscale=params.key,
+            timesignature=None if meter is None else time_signature_numerator(meter),
+            language=params.language if "language" in given else None,
+            duration_s=params.duration_s if "duration_s" in given else None,
+            seed=seed,
+        )
+        phases = PhaseProgress()
+        if progress is not None:
+            phases = PhaseProgress(
+                metas=lambda n, of: progress("lm-thought", n, of),
+                codes=lambda n, of: progress("lm-codes", n, of),
+            )
+        plan = make_plan(self.planner(), request, params.thinking, phases)
+        planned = plan.metas.known() | {"duration": plan.duration_s}
+        planned["timesignature"] = str(planned["timesignature"])
+        inferred = {REQUEST_FIELD_OF[name]: planned[name] for name in plan.inferred}
+        return Planned(
+            params=params.replace(seed=seed, **inferred),
+            inferred=inferred,
+            codes=plan.codes,
+            seconds=time.perf_counter() - start,
+        )
 
     # -- stage 1: conditioning ------------------------------------------------------
 
     @torch.inference_mode()
-    def prepare(self, params: GenerationParams, progress: ProgressFn | None = None) -> Conditioning:
-        """Prompts, text encoder, audio inputs, condition encoder and noise ("text" stage)."""
+    def prepare(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        planned: Planned | None = None,
+    ) -> Conditioning:
+        """Prompts, text encoder, audio inputs, condition encoder and noise ("text" stage).
+
+        With a plan, its parameters replace `params`, and its codes (full mode) become
+        the context hints, as cover latents would (the instruction stays text2music's).
+        """
         if progress:
             progress("text", 0, 1)
         start = time.perf_counter()
+        if planned is not None:
+            params = planned.params
         seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
 
         repaint = None
@@ -232,6 +343,9 @@ class Pipeline:
             src_latents = self.silence_latent[:, :frames]
             chunk_mask = torch.ones(1, frames, device=self.device, dtype=self.dtype)
             hints = None
+            if planned is not None and planned.codes is not None:
+                codes = torch.tensor(planned.codes, device=self.device)  # [T5]
+                hints = codes_to_hints(self.model, codes, self.silence_latent, frames)
         else:
             source = self._read_source(Path(params.src_audio), "src_audio")  # [2, S]
             if params.task == "repaint":
@@ -280,6 +394,9 @@ class Pipeline:
         context = self.model.build_context(src_latents, chunk_mask, hints)
         noise = draw_noise([seed], frames, src_latents.shape[-1], self.device, self.dtype)
         _synchronize(self.device)
+        timings = {"text": time.perf_counter() - start}
+        if planned is not None:
+            timings = {"plan": planned.seconds, **timings}
         return Conditioning(
             params=params,
             seed=seed,
@@ -288,7 +405,8 @@ class Pipeline:
             context=context,
             noise=noise,
             repaint=repaint,
-            timings={"text": time.perf_counter() - start},
+            timings=timings,
+            planned=planned,
         )
 
     @staticmethod
@@ -413,4 +531,5 @@ class Pipeline:
             seed=cond.seed,
             duration_s=samples / SAMPLE_RATE,
             timings=dict(cond.timings),
+            thinking=None if cond.planned is None else cond.planned.report(),
         )

@@ -58,9 +58,11 @@ class GenerateRequest(GenerationParams):
         return path
 
     def to_params(self) -> GenerationParams:
-        """The generation's parameters alone (already validated)."""
+        """The generation's parameters alone (already validated); the fields the caller
+        gave stay marked as given (`model_fields_set`): the planner keeps exactly those."""
         return GenerationParams.model_construct(
-            **{name: getattr(self, name) for name in GenerationParams.model_fields}
+            self.model_fields_set & set(GenerationParams.model_fields),
+            **{name: getattr(self, name) for name in GenerationParams.model_fields},
         )
 
 
