@@ -32,8 +32,11 @@ Thinking = Literal["off", "metas", "full"]
 MAX_SEED = 2**64 - 1
 """ace-step-rs clients send the seed as a u64."""
 
-KEY_PATTERN = re.compile(r"^[A-G][#b♯♭]? (major|minor)$")
-"""Key/scale as the model was trained on it: note, optional accidental, mode ("F# minor")."""
+_NOTES = ("A", "B", "C", "D", "E", "F", "G")
+_ACCIDENTALS = ("", "#", "b", "♯", "♭")
+_MODES = ("major", "minor")
+KEYSCALES = tuple(f"{n}{a} {m}" for n in _NOTES for a in _ACCIDENTALS for m in _MODES)
+"""The 70 keys the model was trained on: note, optional accidental (ASCII or Unicode), mode."""
 
 _TIME_SIGNATURE = re.compile(r"^\s*(\d+)\s*(?:/\s*(\d+)\s*)?$")
 _DENOMINATORS = (1, 2, 4, 8, 16, 32)
@@ -158,7 +161,7 @@ class GenerationParams(StrictModel):
     @field_validator("key")
     @classmethod
     def _key_format(cls, value: str | None) -> str | None:
-        if value is not None and not KEY_PATTERN.match(value):
+        if value is not None and value not in KEYSCALES:
             raise ValueError(f'key {value!r}: expected a note and a mode, e.g. "F# minor"')
         return value
 

@@ -31,6 +31,7 @@ LAYERS = {
     "text": 2,
     "checkpoint": 2,
     "tiny": 3,
+    "planner": 3,
     "pipeline": 4,
     "memory": 5,
     "faults": 5,

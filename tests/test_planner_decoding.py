@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from acestep_daemon.params import KEYSCALES
 from acestep_daemon.planner import LMRunner, PlanRequest, SamplingOptions, make_plan
 from acestep_daemon.planner.constraints import CODEBOOK_SIZE
 from acestep_daemon.planner.metas import (
     BPM_RANGE,
     DURATION_RANGE,
-    KEYSCALES,
     LANGUAGES,
     TIME_SIGNATURES,
     Metas,

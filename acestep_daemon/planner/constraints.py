@@ -25,7 +25,9 @@ from typing import Protocol
 
 import torch
 
-from .metas import BPM_RANGE, DURATION_RANGE, KEYSCALES, LANGUAGES, TIME_SIGNATURES, Metas
+from acestep_daemon.params import KEYSCALES
+
+from .metas import BPM_RANGE, DURATION_RANGE, LANGUAGES, TIME_SIGNATURES, Metas
 
 CODEBOOK_SIZE = 64_000
 """FSQ codebook of the tokenizer (levels 8·8·8·5·5·5); audio codes 0–63,999."""

@@ -31,12 +31,6 @@ LANGUAGES = (
 )  # fmt: skip
 """Vocal languages the LM may name ('unknown' when it cannot tell)."""
 
-_NOTES = ("A", "B", "C", "D", "E", "F", "G")
-_ACCIDENTALS = ("", "#", "b", "♯", "♭")
-_MODES = ("major", "minor")
-KEYSCALES = tuple(f"{n}{a} {m}" for n in _NOTES for a in _ACCIDENTALS for m in _MODES)
-"""The 70 keys: note, optional accidental (ASCII or Unicode), major or minor."""
-
 FIELD_ORDER = ("bpm", "caption", "duration", "keyscale", "language", "timesignature")
 """Keys of the thought, in the order they are written (sorted)."""
 
