@@ -10,11 +10,9 @@ acestep make-tiny-checkpoint  write a tiny random checkpoint in the real layout
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from acestep_daemon import paths, units
+from acestep_daemon import client, paths, units
 
 if TYPE_CHECKING:
     import torch
@@ -187,48 +185,53 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_request(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("request", help="send one request to a running daemon")
+    p = subparsers.add_parser(
+        "request",
+        help="send one request to a running daemon",
+        description="Send one request; the answer line goes to stdout, progress and errors to "
+        "stderr. Exit status: 0 ok, 1 daemon error, 2 usage or bad JSON, 3 no daemon or "
+        "connection dropped, 124 timeout, 130 Ctrl-C (the job is cancelled).",
+    )
     p.add_argument("caption", nargs="?", help="what the music should be")
+    p.add_argument("-c", "--caption", dest="caption_flag", metavar="CAPTION", help="same")
     p.add_argument("--command", choices=("status", "ping", "load", "unload"))
     p.add_argument("--json", dest="raw", help="send this JSON object as it is")
-    p.add_argument("--socket", type=Path, default=None)
+    p.add_argument(
+        "--socket", type=Path, default=None, help=f"default: {client.default_socket_path()}"
+    )
+    p.add_argument(
+        "--timeout",
+        type=client.positive_seconds,
+        metavar="SECONDS",
+        help="give up (and cancel the job) after this long; default: wait",
+    )
     _add_generation_fields(p)
-    p.add_argument("--progress", action="store_true", help="also print progress lines")
+    p.add_argument("--progress", action="store_true", help="also print progress lines on stderr")
     p.set_defaults(func=cmd_request)
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
     """The request object from the flags (only the flags that were given)."""
     if args.raw:
-        return json.loads(args.raw)
+        return client.parse_request(args.raw)
     if args.command:
         return {"command": args.command}
+    args.caption = args.caption or args.caption_flag
     if not args.caption:
-        raise SystemExit("acestep request: give a caption, --command or --json")
-    request = request_fields(args)
-    if args.progress:
-        request["progress"] = True
-    return request
+        raise client.ClientError("give a caption, --command or --json", client.EXIT_USAGE)
+    return request_fields(args)
 
 
 def cmd_request(args: argparse.Namespace) -> int:
-    """Send the line, half-close like socat, print every answer line; 0 when the last is ok."""
-    line = json.dumps(build_request(args)).encode() + b"\n"
+    """Send the line and print the answer as `client.py` does (same messages, exit codes)."""
+    prog = "acestep request"
+    try:
+        request = build_request(args)
+    except client.ClientError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return error.status
     path = args.socket or paths.default_socket_path()
-    last: dict[str, Any] = {}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError as error:
-            print(f"acestep request: cannot connect to {path}: {error}", file=sys.stderr)
-            return 1
-        sock.sendall(line)
-        sock.shutdown(socket.SHUT_WR)
-        with sock.makefile("rb") as answers:
-            for raw in answers:
-                print(raw.decode().rstrip("\n"), flush=True)
-                last = json.loads(raw)
-    return 0 if last.get("ok") else 1
+    return client.run(request, path, timeout=args.timeout, progress=args.progress, prog=prog)
 
 
 def _add_install_service(subparsers: argparse._SubParsersAction) -> None:
