@@ -41,6 +41,8 @@ SOCKET_NAME = "ace-step-gen.sock"
 SOCKET_ENV = "ACESTEP_SOCKET"
 LEGACY_SOCKET = Path("/tmp") / SOCKET_NAME
 """The ace-step-rs daemon's fixed path, the last fallback."""
+RUN_USER = Path("/run/user")
+"""Parent of the per-user runtime folders (what `XDG_RUNTIME_DIR` names when it is set)."""
 
 EXIT_OK = 0
 EXIT_DAEMON_ERROR = 1
@@ -66,7 +68,7 @@ def default_socket_path() -> Path:
         return Path(env)
     if runtime := os.environ.get("XDG_RUNTIME_DIR"):
         return Path(runtime) / SOCKET_NAME
-    user_runtime = Path("/run/user") / str(os.getuid())
+    user_runtime = RUN_USER / str(os.getuid())
     if user_runtime.is_dir():
         return user_runtime / SOCKET_NAME
     return LEGACY_SOCKET

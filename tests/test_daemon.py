@@ -196,11 +196,15 @@ def test_acestep_request_prints_the_answer(daemon: Daemon, tmp_path: Path):
     assert_complete_audio(output, 1.0)
     status = acestep("request", "--command", "status", *sock)
     assert status.returncode == 0 and json.loads(status.stdout)["loaded"] is True
-    progress = acestep("request", "p", "--duration", "1", "--progress", *sock)
-    lines = [json.loads(line) for line in progress.stdout.splitlines()]
-    assert "progress" in lines[0] and lines[-1]["ok"] is True
+    progress = acestep("request", "-c", "p", "--duration", "1", "--progress", *sock)
+    assert json.loads(progress.stdout)["ok"] is True
+    assert all("progress" in json.loads(line) for line in progress.stderr.splitlines())
+    assert progress.stderr
     refused = acestep("request", "--json", '{"caption": "x", "output": "relative.wav"}', *sock)
     assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == "invalid_request"
+    assert "must be an absolute path" in refused.stderr
+    bad = acestep("request", "--json", "{oops", *sock)
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_hangup_while_running_cancels_between_steps(daemon: Daemon, tmp_path: Path):
