@@ -45,41 +45,119 @@ def _socket_mode(text: str) -> int:
     return mode
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the daemon")
-    p.add_argument("--socket", type=Path, default=None, help="socket path (default: %(default)s)")
+    p.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help=f"socket path (default here: {paths.default_socket_path()})",
+    )
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
     p.add_argument(
         "--model",
         choices=("turbo", "tiny"),
         default="turbo",
-        help="'tiny' serves a freshly made tiny checkpoint with RANDOM weights (protocol tests)",
+        help="'tiny' serves a freshly made tiny checkpoint with RANDOM weights (no download; "
+        "it answers the protocol with noise)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--queue-limit", type=int, default=16, help="waiting requests before 'busy'")
-    p.add_argument("--idle-unload", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--queue-limit", type=_count, default=16, help="waiting requests before 'busy'")
+    p.add_argument("--idle-unload", type=client.positive_seconds, default=None, metavar="SECONDS")
     p.add_argument("--socket-mode", type=_socket_mode, default=0o600, metavar="OCTAL")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID")
     p.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID")
-    p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS")
-    p.add_argument("--shutdown-grace", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--read-timeout", type=client.positive_seconds, default=30.0, metavar="SECONDS")
+    p.add_argument(
+        "--shutdown-grace", type=client.positive_seconds, default=60.0, metavar="SECONDS"
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "-v",
+        "--verbose",
+        "--debug",
+        action="store_true",
+        help="debug logging, with tracebacks for start-up errors",
+    )
     p.set_defaults(func=cmd_serve)
 
 
+class StartupProblem(Exception):
+    """Something the user can fix stops the daemon from starting (one short message)."""
+
+
+class _QuietFormatter(logging.Formatter):
+    """Log lines without the tracebacks of expected errors (AceStepError): the message says it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from acestep_daemon.errors import AceStepError
+
+        if record.exc_info and isinstance(record.exc_info[1], AceStepError):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return super().format(record)
+
+
+def _check_device(name: str) -> None:
+    """Refuse a device this machine does not have, before anything loads."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise StartupProblem(
+            f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise StartupProblem(f"--device {name}: only auto, cpu, cuda and cuda:N are supported")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise StartupProblem(
+            f"--device {name}: no CUDA device is available (torch {torch.__version__}, {build}); "
+            "use --device cpu (or auto)"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise StartupProblem(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Check what the user can get wrong, then serve; start-up problems are one short message."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter_class = logging.Formatter if args.verbose else _QuietFormatter
+    handler.setFormatter(formatter_class("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
+        level="DEBUG" if args.verbose else args.log_level.upper(), handlers=[handler]
     )
+    try:
+        return _serve(args)
+    except StartupProblem as problem:
+        if args.verbose:
+            logger.exception("cannot start")
+        print(f"acestep serve: {problem}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from acestep_daemon.errors import CheckpointError
 
     socket_path = args.socket or paths.default_socket_path()
     activated = os.environ.get("LISTEN_PID") == str(os.getpid())
     if not activated and paths.daemon_answers(socket_path):
-        logger.error("a daemon is already listening on %s", socket_path)
-        return 1
+        raise StartupProblem(f"a daemon is already listening on {socket_path}")
+    _check_device(args.device)
 
     from acestep_daemon import server
     from acestep_daemon.checkpoint import resolve_checkpoint
@@ -98,14 +176,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "It answers the protocol but every file it writes is noise, not music. ***",
             model_dir,
         )
-    dtype = _torch_dtype(args.dtype)
-
-    def factory() -> Pipeline:
-        return Pipeline.load(resolve_checkpoint(model_dir), device=args.device, dtype=dtype)
-
     try:
+        try:
+            checkpoint = resolve_checkpoint(model_dir)
+        except CheckpointError as error:
+            raise StartupProblem(
+                f"{error}\nTo try the daemon without the weights: acestep serve --model tiny "
+                "(random weights: it answers every request, with noise)."
+            ) from error
+        dtype = _torch_dtype(args.dtype)
         manager = GenerationManager(
-            factory,
+            lambda: Pipeline.load(checkpoint, device=args.device, dtype=dtype),
             queue_limit=args.queue_limit,
             idle_unload_s=args.idle_unload,
             inject_oom=inject_from_env(),
@@ -120,8 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             shutdown_grace_s=args.shutdown_grace,
         )
     except ValueError as error:
-        logger.error("%s", error)
-        return 2
+        raise StartupProblem(str(error)) from error
     finally:
         if tiny_dir is not None:
             shutil.rmtree(tiny_dir, ignore_errors=True)
