@@ -98,11 +98,18 @@ class Daemon:
         return self.proc.wait(timeout)
 
 
-def spawn(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
-    """Start `acestep serve --socket tmp/d.sock *args` (args name the model)."""
-    sock = tmp / "d.sock"
+def spawn(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, default_socket: Path | None = None
+) -> Daemon:
+    """Start `acestep serve --socket tmp/d.sock *args` (args name the model).
+
+    With `default_socket`, no --socket is given: the daemon is expected to pick that path.
+    """
+    sock = default_socket or tmp / "d.sock"
     log = tmp / f"daemon-{time.monotonic_ns()}.log"
-    command = [sys.executable, "-m", "acestep_daemon", "serve", "--socket", str(sock)]
+    command = [sys.executable, "-m", "acestep_daemon", "serve"]
+    if default_socket is None:
+        command += ["--socket", str(sock)]
     with log.open("wb") as err:
         proc = subprocess.Popen(
             [*command, *args],
