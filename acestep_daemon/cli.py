@@ -314,41 +314,90 @@ def cmd_request(args: argparse.Namespace) -> int:
     return client.run(request, path, timeout=args.timeout, progress=args.progress, prog=prog)
 
 
+SKILL_SOURCE = Path(__file__).resolve().parent.parent / "skills" / "generate_music"
+"""The spacebot skill in a checkout (it is not part of an installed wheel)."""
+SKILL_CLIENT = Path("scripts") / "acestep-request"
+"""Where the skill expects its client (`{baseDir}/scripts/acestep-request`)."""
+
+
 def _add_install_service(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("install-service", help="write the systemd user units")
+    p = subparsers.add_parser(
+        "install-service",
+        help="write the systemd user units (and install the spacebot skill)",
+        description="Write the systemd user units for this interpreter; with --skill-dir, also "
+        "copy the spacebot skill (SKILL.md and its standard-library client) there.",
+    )
     p.add_argument(
         "--unit-dir",
         type=Path,
         default=Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
         / "systemd"
         / "user",
+        help="default: %(default)s",
     )
     p.add_argument(
         "--socket",
         default=units.DEFAULT_LISTEN,
         help=f"ListenStream= of the socket unit (old clients: {paths.LEGACY_SOCKET})",
     )
+    p.add_argument(
+        "--skill-dir",
+        type=Path,
+        default=None,
+        help="install the generate_music skill into this folder, e.g. "
+        "~/.spacebot/skills/generate_music",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would be written; write none")
     p.add_argument("--enable", action="store_true", help="systemctl --user enable --now the socket")
     p.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- extra `acestep serve` flags")
     p.set_defaults(func=cmd_install_service)
 
 
-def cmd_install_service(args: argparse.Namespace) -> int:
+def _install_files(args: argparse.Namespace) -> list[tuple[Path, str, int]]:
+    """(path, text, mode) of every file install-service writes."""
     extra = [a for a in args.serve_args if a != "--"]
     exec_start = units.exec_start(sys.executable, extra)
-    args.unit_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        (units.SERVICE_NAME, units.render_service(exec_start)),
-        (units.SOCKET_UNIT_NAME, units.render_socket(args.socket)),
-    ):
-        (args.unit_dir / name).write_text(text)
-        print(f"wrote {args.unit_dir / name}")
+    files = [
+        (args.unit_dir / units.SERVICE_NAME, units.render_service(exec_start), 0o644),
+        (args.unit_dir / units.SOCKET_UNIT_NAME, units.render_socket(args.socket), 0o644),
+    ]
+    if args.skill_dir is not None:
+        skill = (SKILL_SOURCE / "SKILL.md").read_text()
+        files.append((args.skill_dir / "SKILL.md", skill, 0o644))
+        client_text = Path(client.__file__).read_text()
+        files.append((args.skill_dir / SKILL_CLIENT, client_text, 0o755))
+    return files
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    if args.skill_dir is not None and not (SKILL_SOURCE / "SKILL.md").is_file():
+        print(
+            f"acestep install-service: no skill at {SKILL_SOURCE}: "
+            "install it from a checkout of the repository",
+            file=sys.stderr,
+        )
+        return 2
+    files = _install_files(args)
+    for path, text, mode in files:
+        if args.dry_run:
+            print(f"would write {path} (mode {mode:o}):\n{text}")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+        print(f"wrote {path}")
+    if args.skill_dir is None:
+        print(
+            f"spacebot skill: copy {SKILL_SOURCE} into spacebot's skills folder (e.g. "
+            "~/.spacebot/skills/generate_music), or run again with --skill-dir FOLDER; "
+            f"the skill runs its client as {{baseDir}}/{SKILL_CLIENT}"
+        )
     commands = [
         ["systemctl", "--user", "daemon-reload"],
         ["systemctl", "--user", "enable", "--now", units.SOCKET_UNIT_NAME],
     ]
-    if not args.enable:
-        print("now run:\n" + "\n".join("  " + " ".join(c) for c in commands))
+    if args.dry_run or not args.enable:
+        print("then run:\n" + "\n".join("  " + " ".join(c) for c in commands))
         return 0
     for command in commands:
         if subprocess.run(command, check=False).returncode != 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -104,3 +106,33 @@ def test_skill_says_what_the_sandbox_needs():
     assert "/run/user/<uid>/ace-step-gen.sock" in text
     assert "UNIX-CONNECT" not in text and "acestep request" not in text  # not in the sandbox
     assert (SKILL.parent / "scripts" / "acestep-request").is_file()
+
+
+def _help(subcommand: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "acestep_daemon", subcommand, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
+def test_readme_commands_use_flags_that_help_lists():
+    """Every `acestep SUB …` / `scripts/serve …` line in README's code blocks, against --help."""
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", README.read_text(), re.S)
+    helps: dict[str, str] = {}
+    checked = 0
+    for line in (line for block in blocks for line in block.splitlines()):
+        match = re.match(r"(?:acestep (\S+)|scripts/(serve))\b(.*)", line.split("#")[0])
+        if not match:
+            continue
+        subcommand, rest = match.group(1) or match.group(2), match.group(3)
+        own, _, serve_flags = rest.partition(" -- ")
+        for name, text in ((subcommand, own), ("serve", serve_flags)):
+            for flag in re.findall(r"(?<!\S)(--?[a-z][\w-]*)", text):
+                helps.setdefault(name, _help(name))
+                assert re.search(rf"(?<![\w-]){flag}\b", helps[name]), (line, flag)
+                checked += 1
+    assert checked > 10
