@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 
-from acestep_daemon.constants import SAMPLE_RATE
+from acestep_daemon.constants import OUTPUT_EXTENSIONS, SAMPLE_RATE
 from acestep_daemon.errors import InvalidRequest
 
 _FORMATS: dict[str, tuple[str, str]] = {
@@ -28,7 +28,7 @@ _FORMATS: dict[str, tuple[str, str]] = {
     ".opus": ("OGG", "OPUS"),
     ".mp3": ("MP3", "MPEG_LAYER_III"),
 }
-SUPPORTED_EXTENSIONS: tuple[str, ...] = tuple(_FORMATS)
+SUPPORTED_EXTENSIONS = OUTPUT_EXTENSIONS
 """Output extensions ``write_audio`` understands (lower case; matching ignores case)."""
 
 OPUS_SAMPLE_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)

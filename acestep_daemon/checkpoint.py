@@ -1,4 +1,4 @@
-"""Locate, download and verify the checkpoint folders (MODEL.md §1.1).
+"""Locate, download and verify the checkpoint folders (the layout of `ACE-Step/Ace-Step1.5`).
 
 A checkpoint is a folder in the layout of the Hugging Face repo
 `ACE-Step/Ace-Step1.5`, of which three sub-folders are used: the turbo DiT, the

@@ -17,11 +17,17 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import NoneType
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 from tqdm import tqdm
 
 from acestep_daemon import client, paths, units
+from acestep_daemon.options import ServerOptions
+from acestep_daemon.params import Flag
+from acestep_daemon.protocol import CommandName, GenerateRequest
 
 if TYPE_CHECKING:
     import torch
@@ -54,12 +60,8 @@ def _count(text: str) -> int:
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the daemon")
-    p.add_argument(
-        "--socket",
-        type=Path,
-        default=None,
-        help=f"socket path (default here: {paths.default_socket_path()})",
-    )
+    defaults = ServerOptions(socket_path=paths.default_socket_path())
+    p.add_argument("--socket", type=Path, default=defaults.socket_path, help="%(default)s")
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
     p.add_argument(
         "--model",
@@ -70,14 +72,29 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--queue-limit", type=_count, default=16, help="waiting requests before 'busy'")
-    p.add_argument("--idle-unload", type=client.positive_seconds, default=None, metavar="SECONDS")
-    p.add_argument("--socket-mode", type=_socket_mode, default=0o600, metavar="OCTAL")
+    p.add_argument(
+        "--queue-limit",
+        type=_count,
+        default=defaults.queue_limit,
+        help="waiting requests before 'busy' (%(default)s)",
+    )
+    p.add_argument(
+        "--idle-unload",
+        type=client.positive_seconds,
+        default=defaults.idle_unload_s,
+        metavar="SECONDS",
+    )
+    p.add_argument(
+        "--socket-mode", type=_socket_mode, default=defaults.socket_mode, metavar="OCTAL"
+    )
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID")
     p.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID")
-    p.add_argument("--read-timeout", type=client.positive_seconds, default=30.0, metavar="SECONDS")
+    seconds = client.positive_seconds
     p.add_argument(
-        "--shutdown-grace", type=client.positive_seconds, default=60.0, metavar="SECONDS"
+        "--read-timeout", type=seconds, default=defaults.read_timeout_s, metavar="SECONDS"
+    )
+    p.add_argument(
+        "--shutdown-grace", type=seconds, default=defaults.shutdown_grace_s, metavar="SECONDS"
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
@@ -153,15 +170,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from acestep_daemon.errors import CheckpointError
 
-    socket_path = args.socket or paths.default_socket_path()
+    options = ServerOptions(
+        socket_path=args.socket,
+        socket_mode=args.socket_mode,
+        allow_uids=frozenset(args.allow_uid),
+        allow_gids=frozenset(args.allow_gid),
+        read_timeout_s=args.read_timeout,
+        shutdown_grace_s=args.shutdown_grace,
+        queue_limit=args.queue_limit,
+        idle_unload_s=args.idle_unload,
+    )
     activated = os.environ.get("LISTEN_PID") == str(os.getpid())
-    if not activated and paths.daemon_answers(socket_path):
-        raise StartupProblem(f"a daemon is already listening on {socket_path}")
+    if not activated and paths.daemon_answers(options.socket_path):
+        raise StartupProblem(f"a daemon is already listening on {options.socket_path}")
     _check_device(args.device)
 
-    from acestep_daemon import server
+    from acestep_daemon import faults, server
     from acestep_daemon.checkpoint import resolve_checkpoint
-    from acestep_daemon.manager import GenerationManager, inject_from_env
+    from acestep_daemon.manager import GenerationManager
     from acestep_daemon.pipeline import Pipeline
 
     tiny_dir: Path | None = None
@@ -176,6 +202,8 @@ def _serve(args: argparse.Namespace) -> int:
             "It answers the protocol but every file it writes is noise, not music. ***",
             model_dir,
         )
+    dtype = _torch_dtype(args.dtype)
+
     try:
         try:
             checkpoint = resolve_checkpoint(model_dir)
@@ -184,22 +212,16 @@ def _serve(args: argparse.Namespace) -> int:
                 f"{error}\nTo try the daemon without the weights: acestep serve --model tiny "
                 "(random weights: it answers every request, with noise)."
             ) from error
-        dtype = _torch_dtype(args.dtype)
+        injected = faults.plan_from_env()
+
+        def factory() -> Pipeline:
+            pipeline = Pipeline.load(checkpoint, device=args.device, dtype=dtype)
+            return faults.FaultyPipeline(pipeline, injected) if injected else pipeline
+
         manager = GenerationManager(
-            lambda: Pipeline.load(checkpoint, device=args.device, dtype=dtype),
-            queue_limit=args.queue_limit,
-            idle_unload_s=args.idle_unload,
-            inject_oom=inject_from_env(),
+            factory, queue_limit=options.queue_limit, idle_unload_s=options.idle_unload_s
         )
-        return server.serve(
-            manager,
-            socket_path,
-            socket_mode=args.socket_mode,
-            allow_uids=args.allow_uid,
-            allow_gids=args.allow_gid,
-            read_timeout_s=args.read_timeout,
-            shutdown_grace_s=args.shutdown_grace,
-        )
+        return server.serve(manager, options)
     except ValueError as error:
         raise StartupProblem(str(error)) from error
     finally:
@@ -207,57 +229,43 @@ def _serve(args: argparse.Namespace) -> int:
             shutil.rmtree(tiny_dir, ignore_errors=True)
 
 
-TASKS = ("text2music", "repaint", "cover")
-
-
 def _absolute_path(text: str) -> str:
     """Paths go on the wire absolute: the daemon's working directory is not the caller's."""
     return str(Path(text).absolute())
 
 
-def _add_generation_fields(p: argparse.ArgumentParser) -> None:
-    """The request fields as flags (ace-step-rs `ace-step` names); dest = the wire name."""
-    p.add_argument("-l", "--lyrics", help="lyrics with [verse]/[chorus] tags")
-    p.add_argument("--metas", help="free metadata string, passed to the model verbatim")
-    p.add_argument("--language", help="language code of the lyrics (en)")
-    p.add_argument("-d", "--duration", dest="duration_s", type=float, help="seconds, 1-600 (30)")
-    p.add_argument("--shift", type=float, help="turbo schedule shift: 1, 2 or 3 (3)")
-    p.add_argument("-s", "--seed", type=int, help="random when omitted")
-    p.add_argument("-o", "--output", type=_absolute_path, help="file; format from the extension")
-    p.add_argument("--bpm", type=int)
-    p.add_argument("--key", help='e.g. "C major"')
-    p.add_argument("--time-signature", help='e.g. "4/4"')
-    p.add_argument("--task", choices=TASKS, help="default: from the inputs")
-    p.add_argument("--reference-audio", type=_absolute_path, help="timbre reference clip")
-    p.add_argument("--src-audio", type=_absolute_path, help="source of repaint and cover")
-    p.add_argument("--repaint-start", dest="repaint_start_s", type=float, metavar="SECONDS")
-    p.add_argument("--repaint-end", dest="repaint_end_s", type=float, metavar="SECONDS")
-
-
-REQUEST_FIELDS = (
-    "caption",
-    "lyrics",
-    "metas",
-    "language",
-    "duration_s",
-    "shift",
-    "seed",
-    "output",
-    "bpm",
-    "key",
-    "time_signature",
-    "task",
-    "reference_audio",
-    "src_audio",
-    "repaint_start_s",
-    "repaint_end_s",
-)
+def _add_fields(p: argparse.ArgumentParser, model: type[BaseModel], *, skip: set[str]) -> None:
+    """One flag per request field that declares a `Flag`; dest = the wire name."""
+    for name, info in model.model_fields.items():
+        flag = next((m for m in info.metadata if isinstance(m, Flag)), None)
+        if flag is None or name in skip:
+            continue
+        default = "" if info.default in (None, "", PydanticUndefined) else f" ({info.default})"
+        help_text = f"{info.description}{default}"
+        if get_origin(info.annotation) is Literal:
+            p.add_argument(
+                *flag.names, dest=name, choices=get_args(info.annotation), help=help_text
+            )
+            continue
+        kind = next(a for a in get_args(info.annotation) or [info.annotation] if a is not NoneType)
+        if kind is bool:
+            p.add_argument(
+                *flag.names, dest=name, action="store_true", default=None, help=help_text
+            )
+        else:
+            convert = _absolute_path if flag.path else kind
+            p.add_argument(
+                *flag.names, dest=name, type=convert, metavar=flag.metavar, help=help_text
+            )
 
 
 def request_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The request object from the flags that were given; the task follows the inputs."""
-    request = {name: getattr(args, name) for name in REQUEST_FIELDS}
-    request = {k: v for k, v in request.items() if v is not None}
+    request = {
+        name: value
+        for name in GenerateRequest.model_fields
+        if (value := getattr(args, name, None)) is not None
+    }
     if "task" not in request and "src_audio" in request:
         has_range = "repaint_start_s" in request or "repaint_end_s" in request
         request["task"] = "repaint" if has_range else "cover"
@@ -268,13 +276,12 @@ def _add_request(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "request",
         help="send one request to a running daemon",
-        description="Send one request; the answer line goes to stdout, progress and errors to "
-        "stderr. Exit status: 0 ok, 1 daemon error, 2 usage or bad JSON, 3 no daemon or "
+        description="Send one request; the answer line goes to stdout, progress lines and errors "
+        "to stderr. Exit status: 0 ok, 1 daemon error, 2 usage or bad JSON, 3 no daemon or "
         "connection dropped, 124 timeout, 130 Ctrl-C (the job is cancelled).",
     )
-    p.add_argument("caption", nargs="?", help="what the music should be")
-    p.add_argument("-c", "--caption", dest="caption_flag", metavar="CAPTION", help="same")
-    p.add_argument("--command", choices=("status", "ping", "load", "unload"))
+    p.add_argument("text", nargs="?", metavar="CAPTION", help="the caption, as -c/--caption")
+    p.add_argument("--command", choices=get_args(CommandName))
     p.add_argument("--json", dest="raw", help="send this JSON object as it is")
     p.add_argument(
         "--socket", type=Path, default=None, help=f"default: {client.default_socket_path()}"
@@ -285,8 +292,7 @@ def _add_request(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="give up (and cancel the job) after this long; default: wait",
     )
-    _add_generation_fields(p)
-    p.add_argument("--progress", action="store_true", help="also print progress lines on stderr")
+    _add_fields(p, GenerateRequest, skip=set())
     p.set_defaults(func=cmd_request)
 
 
@@ -296,7 +302,9 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         return client.parse_request(args.raw)
     if args.command:
         return {"command": args.command}
-    args.caption = args.caption or args.caption_flag
+    if args.text is not None and args.caption is not None:
+        raise client.ClientError("give the caption once (positional or -c)", client.EXIT_USAGE)
+    args.caption = args.caption if args.caption is not None else args.text
     if not args.caption:
         raise client.ClientError("give a caption, --command or --json", client.EXIT_USAGE)
     return request_fields(args)
@@ -407,8 +415,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate one file without a daemon")
-    p.add_argument("-c", "--caption", required=True, help="style, genre, mood, instruments")
-    _add_generation_fields(p)
+    _add_fields(p, GenerateRequest, skip={"progress"})
     p.add_argument("--float-wav", action="store_true", help="32-bit float WAV")
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -421,15 +428,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     from pydantic import ValidationError
 
-    from acestep_daemon import protocol, server
+    from acestep_daemon import protocol
     from acestep_daemon.audio import write_audio
     from acestep_daemon.checkpoint import resolve_checkpoint
     from acestep_daemon.errors import AceStepError
     from acestep_daemon.pipeline import Pipeline
 
-    if args.output is None:
-        print("acestep generate: --output is required", file=sys.stderr)
-        return 2
+    for flag, value in (("--caption", args.caption), ("--output", args.output)):
+        if value is None:
+            print(f"acestep generate: {flag} is required", file=sys.stderr)
+            return 2
     try:
         request = protocol.GenerateRequest.model_validate(request_fields(args))
         output = Path(request.output)
@@ -437,7 +445,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         checkpoint = resolve_checkpoint(args.model_dir)
         pipeline = Pipeline.load(checkpoint, device=args.device, dtype=_torch_dtype(args.dtype))
         with _TerminalProgress() as progress:
-            audio = pipeline.generate(server.generation_params(request), progress=progress)
+            audio = pipeline.generate(request.to_params(), progress=progress)
         write_audio(output, audio.samples, audio.sample_rate, float_wav=args.float_wav)
     except ValidationError as error:
         print(f"acestep generate: {protocol.describe(error)}", file=sys.stderr)

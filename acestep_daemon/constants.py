@@ -17,3 +17,6 @@ MIN_LATENT_FRAMES = 128
 
 MAX_DURATION_S = 600.0
 MIN_DURATION_S = 1.0
+
+OUTPUT_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
+"""Audio files the daemon writes; the container and codec follow the extension."""

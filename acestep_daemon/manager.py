@@ -1,48 +1,38 @@
 """GenerationManager: the resident pipeline, owned by one worker thread.
 
 Jobs wait in a bounded queue; control commands (load, unload) jump ahead of
-them. The worker cancels a job between diffusion steps and VAE chunks (the
-pipeline's progress callback), and recovers from running out of GPU memory:
-free the cache and retry the failing stage (the VAE with half the chunk, down
-to a floor), then run that one request on the CPU in float32 and move the
-pipeline back home afterwards. Nothing here knows about sockets or JSON.
+them. `submit` returns a `JobHandle`: a future for the result and a stream of
+progress events. The worker runs each job through the memory policy
+(`memory.py`), cancels it between diffusion steps and VAE chunks, and writes
+its file. Nothing here knows about sockets or JSON.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from acestep_daemon import __version__
 from acestep_daemon.audio import write_audio
 from acestep_daemon.errors import AceStepError, Cancelled
-from acestep_daemon.pipeline import Audio, GenerationParams, Pipeline, ProgressFn, latent_frames
+from acestep_daemon.memory import FatalWorkerError, MemoryPolicy, Run, free_memory, move
+from acestep_daemon.options import QUEUE_LIMIT
+from acestep_daemon.params import GenerationParams
+from acestep_daemon.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-STAGES = ("text", "diffusion", "vae")
-VAE_CHUNK_FRAMES = 512
-"""Latent frames per VAE decode tile when memory is plentiful."""
-VAE_CHUNK_FLOOR = 64
-"""Halving the VAE tile stops here; the next step is the CPU."""
-
-# Rough GPU memory needs, measured in the order of magnitude only: the DiT's
-# activations grow with the whole latent length, the VAE's with one tile.
-DIFFUSION_BYTES_PER_FRAME = 256 << 10
-VAE_BYTES_PER_CHUNK_FRAME = 4 << 20
-VRAM_HEADROOM_BYTES = 512 << 20
+Progress = Callable[[str, int, int], None]
+"""(stage, step, of) of a running job."""
 
 
 class QueueFull(AceStepError):
@@ -58,62 +48,52 @@ class ShuttingDown(Cancelled):
     """The daemon is stopping; the job did not run (or was stopped)."""
 
 
-class OutOfMemory(AceStepError):
-    """Out of memory even after every fallback (GPU retries and the CPU)."""
+@dataclass(frozen=True)
+class Job:
+    """One generation request: what to make and where to write it."""
+
+    params: GenerationParams
+    output: Path
 
 
-class FatalWorkerError(AceStepError):
-    """The worker cannot go on (the model cannot be loaded or moved); the process must exit."""
-
-
-def parse_inject_oom(spec: str | None) -> dict[str, int]:
-    """`ACESTEP_INJECT_OOM="vae:1,diffusion:99"` → {"vae": 1, "diffusion": 99}."""
-    plan: dict[str, int] = {}
-    for item in (spec or "").split(","):
-        if not item.strip():
-            continue
-        stage, _, count = item.strip().partition(":")
-        if stage not in STAGES:
-            raise ValueError(f"ACESTEP_INJECT_OOM: unknown stage {stage!r} (use {STAGES})")
-        plan[stage] = int(count) if count else 1
-    return plan
-
-
-@dataclass
+@dataclass(frozen=True)
 class JobResult:
     """A written file and how it was made."""
 
     path: Path
-    audio: Audio
-    device: str
-    dtype: str
-    fallback: str | None  # "cpu" when this request ran on the CPU to avoid running out of memory
-    oom_retries: int
-    vae_chunk_frames: int
+    run: Run
 
 
 @dataclass(eq=False)
-class Job:
-    """One generation request. `on_done` is called exactly once, from any thread."""
+class JobHandle:
+    """A submitted job: its result future, its progress listeners and its cancellation."""
 
-    params: GenerationParams
-    output: Path
-    on_done: Callable[[JobResult | BaseException], None]
-    on_progress: ProgressFn | None = None
+    job: Job
+    result: Future[JobResult] = field(default_factory=Future)
     cancel_reason: AceStepError | None = None
-    retries: int = 0
-    chunk: int = VAE_CHUNK_FRAMES
-    fallback: str | None = None
-    _finished: bool = False
+    _listeners: list[Progress] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def finish(self, result: JobResult | BaseException) -> None:
-        """Answer the job; later calls (a cancel racing the end) are ignored."""
+    def on_progress(self, listener: Progress) -> None:
+        """Call `listener(stage, step, of)` from the worker thread as the job advances."""
+        self._listeners.append(listener)
+
+    def _progress(self, stage: str, step: int, of: int) -> None:
+        """The pipeline's callback: the cancellation point, then the listeners."""
+        if self.cancel_reason is not None:
+            raise self.cancel_reason
+        for listener in self._listeners:
+            listener(stage, step, of)
+
+    def _finish(self, outcome: JobResult | BaseException) -> None:
+        """Answer the job once; a cancel racing the end is ignored."""
         with self._lock:
-            if self._finished:
+            if self.result.done():
                 return
-            self._finished = True
-        self.on_done(result)
+            if isinstance(outcome, BaseException):
+                self.result.set_exception(outcome)
+            else:
+                self.result.set_result(outcome)
 
 
 @dataclass
@@ -139,19 +119,17 @@ class GenerationManager:
         self,
         factory: Callable[[], Pipeline],
         *,
-        queue_limit: int = 16,
+        queue_limit: int = QUEUE_LIMIT,
         idle_unload_s: float | None = None,
-        inject_oom: dict[str, int] | None = None,
     ) -> None:
         self._factory = factory
         self.queue_limit = queue_limit
         self._idle_unload_s = idle_unload_s
-        self._inject = dict(inject_oom or {})
         self._on_fatal: Callable[[BaseException], None] | None = None
         self._cond = threading.Condition()
-        self._jobs: deque[Job] = deque()
+        self._jobs: deque[JobHandle] = deque()
         self._controls: deque[_Control] = deque()
-        self._running: Job | None = None
+        self._running: JobHandle | None = None
         self._stopping = False
         self._pipeline: Pipeline | None = None
         self._home: tuple[torch.device, torch.dtype] | None = None
@@ -176,26 +154,28 @@ class GenerationManager:
         self._controls.append(_Control("load", on_loaded))
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job, or raise QueueFull / ShuttingDown at once."""
+    def submit(self, job: Job) -> JobHandle:
+        """Queue a job and return its handle, or raise QueueFull / ShuttingDown at once."""
+        handle = JobHandle(job)
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the daemon is shutting down")
             if len(self._jobs) >= self.queue_limit:
                 raise QueueFull(len(self._jobs), self.queue_limit)
-            self._jobs.append(job)
+            self._jobs.append(handle)
             self._cond.notify()
+        return handle
 
-    def cancel(self, job: Job, reason: AceStepError) -> None:
+    def cancel(self, handle: JobHandle, reason: AceStepError) -> None:
         """Cancel a job: at once if it is still queued, else at its next step or chunk."""
         with self._cond:
-            job.cancel_reason = reason
-            queued = job in self._jobs
+            handle.cancel_reason = reason
+            queued = handle in self._jobs
             if queued:
-                self._jobs.remove(job)
+                self._jobs.remove(handle)
                 self.counters.cancelled += 1
         if queued:
-            job.finish(reason)
+            handle._finish(reason)
 
     def command(self, name: str, on_done: Callable[[dict[str, Any] | BaseException], None]) -> None:
         """`load` / `unload`, run by the worker ahead of queued jobs."""
@@ -229,7 +209,7 @@ class GenerationManager:
             **vars(self.counters),
         }
 
-    def shutdown(self) -> list[Job]:
+    def shutdown(self) -> list[JobHandle]:
         """Stop taking work; queued jobs are answered ShuttingDown. Returns them."""
         with self._cond:
             self._stopping = True
@@ -238,8 +218,8 @@ class GenerationManager:
             self._jobs.clear()
             self._controls.clear()
             self._cond.notify_all()
-        for job in pending:
-            job.finish(ShuttingDown("the daemon is shutting down; the request did not run"))
+        for handle in pending:
+            handle._finish(ShuttingDown("the daemon is shutting down; the request did not run"))
         for control in controls:
             control.on_done(ShuttingDown("the daemon is shutting down"))
         return pending
@@ -271,7 +251,7 @@ class GenerationManager:
             while (item := self._next()) is not None:
                 if isinstance(item, _Control):
                     self._control(item)
-                elif isinstance(item, Job):
+                else:
                     self._serve(item)
                     with self._cond:
                         self._running = None
@@ -283,7 +263,7 @@ class GenerationManager:
             if self._on_fatal:
                 self._on_fatal(error)
 
-    def _next(self) -> _Control | Job | None:
+    def _next(self) -> _Control | JobHandle | None:
         """The next control or job; None when stopping. Unloads after the idle window."""
         with self._cond:
             while True:
@@ -338,159 +318,47 @@ class GenerationManager:
             self._model_dir = str(self._pipeline.checkpoint.root)
             self.counters.loads += 1
         elif self._home and (self._pipeline.device, self._pipeline.dtype) != self._home:
-            self._move(self._pipeline, *self._home)
+            move(self._pipeline, *self._home)
         return self._pipeline
 
     def _unload(self) -> None:
         self._pipeline = None
-        _free_memory()
+        free_memory()
 
-    def _move(self, pipeline: Pipeline, device: torch.device, dtype: torch.dtype) -> None:
-        """Move the weights; running out of memory on the way home leaves them on the CPU."""
-        try:
-            pipeline.to(device, dtype)
-        except torch.OutOfMemoryError:
-            _free_memory()
-            pipeline.to("cpu", torch.float32)
-            logger.warning(
-                "too little memory to move the pipeline to %s; it stays on the CPU", device
-            )
-        except Exception as error:
-            raise FatalWorkerError(f"could not move the pipeline to {device}: {error}") from error
-
-    def _serve(self, job: Job) -> None:
+    def _serve(self, handle: JobHandle) -> None:
         """Run one job and answer it; only a FatalWorkerError escapes."""
         started = time.monotonic()
+        job = handle.job
         try:
-            if job.cancel_reason is not None:
-                raise job.cancel_reason
-            audio, device, dtype = self._generate(job)
+            if handle.cancel_reason is not None:
+                raise handle.cancel_reason
+            pipeline = self._ensure_loaded()
+            assert self._home is not None
+            run = MemoryPolicy(
+                pipeline,
+                self._home,
+                on_retry=self._count_retry,
+                on_fallback=self._count_fallback,
+            ).run(job.params, handle._progress)
             job.output.parent.mkdir(parents=True, exist_ok=True)
-            path = write_audio(job.output, audio.samples, audio.sample_rate)
-            result = JobResult(
-                path=Path(path),
-                audio=audio,
-                device=str(device),
-                dtype=str(dtype).removeprefix("torch."),
-                fallback=job.fallback,
-                oom_retries=job.retries,
-                vae_chunk_frames=job.chunk,
-            )
+            path = write_audio(job.output, run.audio.samples, run.audio.sample_rate)
         except FatalWorkerError as error:
             self.counters.failed += 1
-            job.finish(error)
+            handle._finish(error)
             raise
         except Cancelled as error:
             self.counters.cancelled += 1
-            job.finish(error)
+            handle._finish(error)
         except BaseException as error:
             self.counters.failed += 1
-            job.finish(error)
+            handle._finish(error)
         else:
             self.counters.generated += 1
             logger.debug("job done in %.2f s", time.monotonic() - started)
-            job.finish(result)
+            handle._finish(JobResult(path=Path(path), run=run))
 
-    def _generate(self, job: Job) -> tuple[Audio, torch.device, torch.dtype]:
-        """Generate at home with the OOM policy; returns the audio and where it was made."""
-        pipeline = self._ensure_loaded()
-        if (pipeline.device, pipeline.dtype) != self._home or not self._plan(job, pipeline):
-            return self._on_cpu(job, pipeline)
-        audio = self._at_home(job, pipeline)
-        if audio is None:
-            _free_memory()
-            return self._on_cpu(job, pipeline)
-        return audio, pipeline.device, pipeline.dtype
-
-    def _at_home(self, job: Job, pipeline: Pipeline) -> Audio | None:
-        """The three stages with their retries; None when memory ran out anyway.
-
-        Retries start outside the `except` blocks, so that the failed attempt's
-        traceback (and the tensors its frames hold) is gone before trying again.
-        """
-        progress = self._progress(job, inject=True)
-        try:
-            cond = self._retry(job, lambda: pipeline.prepare(job.params, progress))
-            latents = self._retry(job, lambda: pipeline.diffuse(cond, progress))
-            while True:
-                try:
-                    return pipeline.decode(cond, latents, progress, vae_chunk_frames=job.chunk)
-                except torch.OutOfMemoryError:
-                    if job.chunk // 2 < VAE_CHUNK_FLOOR:
-                        raise
-                job.chunk //= 2
-                self._count_retry(job, f"the VAE, retrying with {job.chunk}-frame chunks")
-        except torch.OutOfMemoryError:
-            return None
-
-    def _retry(self, job: Job, stage: Callable[[], T]) -> T:
-        """Run a stage; after running out of memory, free the cache and try once more."""
-        try:
-            return stage()
-        except torch.OutOfMemoryError:
-            pass
-        self._count_retry(job, "a stage, retrying it once")
-        return stage()
-
-    def _count_retry(self, job: Job, what: str) -> None:
-        _free_memory()
-        job.retries += 1
+    def _count_retry(self) -> None:
         self.counters.oom_retries += 1
-        logger.warning("out of memory in %s", what)
 
-    def _on_cpu(self, job: Job, pipeline: Pipeline) -> tuple[Audio, torch.device, torch.dtype]:
-        """Run this request on the CPU in float32, then move the pipeline back home."""
-        home = self._home or (pipeline.device, pipeline.dtype)
-        logger.warning("running this request on the CPU (float32) to avoid running out of memory")
-        job.fallback = "cpu"
+    def _count_fallback(self) -> None:
         self.counters.cpu_fallbacks += 1
-        self._move(pipeline, torch.device("cpu"), torch.float32)
-        try:
-            audio = pipeline.generate(
-                job.params,
-                progress=self._progress(job, inject=False),
-                vae_chunk_frames=job.chunk,
-            )
-        except torch.OutOfMemoryError as error:
-            raise OutOfMemory(f"out of memory even on the CPU: {error}") from error
-        finally:
-            self._move(pipeline, *home)
-        return audio, torch.device("cpu"), torch.float32
-
-    def _plan(self, job: Job, pipeline: Pipeline) -> bool:
-        """Choose the VAE chunk from free GPU memory; False means: go to the CPU up front."""
-        if pipeline.device.type != "cuda":
-            return True
-        free, _ = torch.cuda.mem_get_info(pipeline.device)
-        frames = latent_frames(job.params.duration_s)
-        budget = free - VRAM_HEADROOM_BYTES - frames * DIFFUSION_BYTES_PER_FRAME
-        while job.chunk > VAE_CHUNK_FLOOR and job.chunk * VAE_BYTES_PER_CHUNK_FRAME > budget:
-            job.chunk //= 2
-        fits = job.chunk * VAE_BYTES_PER_CHUNK_FRAME <= budget
-        if not fits:
-            logger.warning("%.0f MiB free on %s is too little", free / 2**20, pipeline.device)
-        return fits
-
-    def _progress(self, job: Job, *, inject: bool) -> ProgressFn:
-        """The pipeline's callback: cancellation point, OOM injection, progress forwarding."""
-
-        def progress(stage: str, step: int, of: int) -> None:
-            if job.cancel_reason is not None:
-                raise job.cancel_reason
-            if inject and self._inject.get(stage, 0) > 0:
-                self._inject[stage] -= 1
-                raise torch.cuda.OutOfMemoryError(f"injected out-of-memory at stage {stage!r}")
-            if job.on_progress is not None:
-                job.on_progress(stage, step, of)
-
-        return progress
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def inject_from_env() -> dict[str, int]:
-    return parse_inject_oom(os.environ.get("ACESTEP_INJECT_OOM"))

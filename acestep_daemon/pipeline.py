@@ -1,8 +1,9 @@
 """End-to-end generation: caption, lyrics and audio inputs in, a stereo waveform out.
 
 This is the only module that wires the text encoder, the ACE-Step network, the
-VAE and a device together (MODEL.md §6–§7). A request runs in three stages,
-each a method, so that the daemon's out-of-memory policy can retry one stage:
+VAE and a device together (upstream: `AceStepHandler` in `acestep/handler.py`).
+A request runs in three stages, each a method, so that the daemon's
+out-of-memory policy can retry one stage:
 
     prepare  ("text")       prompts → Qwen3 → condition encoder; audio inputs → VAE
                             latents; seed → noise
@@ -33,14 +34,14 @@ from acestep_daemon.checkpoint import CheckpointPaths
 from acestep_daemon.constants import (
     LATENT_HOP,
     MAX_DURATION_S,
-    MIN_DURATION_S,
     MIN_LATENT_FRAMES,
     SAMPLE_RATE,
 )
 from acestep_daemon.errors import GenerationFailed, InvalidRequest
 from acestep_daemon.model import AceStepModel
 from acestep_daemon.model.sampler import RepaintInputs, draw_noise, sample_turbo
-from acestep_daemon.model.vae import OobleckVAE
+from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES, OobleckVAE
+from acestep_daemon.params import GenerationParams
 from acestep_daemon.text import (
     INSTRUCTIONS,
     TextEncoder,
@@ -50,8 +51,6 @@ from acestep_daemon.text import (
 )
 
 logger = logging.getLogger(__name__)
-
-TASKS = ("text2music", "repaint", "cover")
 
 ProgressFn = Callable[[str, int, int], None]
 """(stage, step, of): called before each unit of work; may raise to cancel."""
@@ -64,27 +63,6 @@ REFERENCE_SEGMENT_S = 10.0
 
 SILENT_PEAK = 1e-6
 """A waveform whose peak stays below this is treated as failed output."""
-
-
-@dataclass
-class GenerationParams:
-    """What one request asks for; the wire contract maps onto these fields."""
-
-    caption: str
-    lyrics: str = ""
-    metas: str = ""
-    language: str = "en"
-    duration_s: float = 30.0
-    shift: float = 3.0
-    seed: int | None = None
-    bpm: int | None = None
-    key: str | None = None
-    time_signature: str | None = None
-    task: str = "text2music"
-    reference_audio: Path | None = None
-    src_audio: Path | None = None
-    repaint_start_s: float | None = None
-    repaint_end_s: float | None = None
 
 
 @dataclass
@@ -117,7 +95,7 @@ class Conditioning:
 
 
 def latent_frames(duration_s: float) -> int:
-    """Latent length for a duration as upstream computes it (MODEL.md §6.1)."""
+    """Latent length for a duration as upstream computes it (`AceStepHandler._prepare_batch`)."""
     samples = int(max(0.1, round(duration_s, 1)) * SAMPLE_RATE)
     return max(samples // LATENT_HOP, MIN_LATENT_FRAMES)
 
@@ -136,10 +114,13 @@ def load_module(
 ) -> nn.Module:
     """Load a meta-constructed module from safetensors straight onto `device` in `dtype`.
 
-    Tensors are converted one by one, so the peak is the model plus one tensor.
+    Tensors are converted one by one, so the peak is the model plus one tensor. Each is
+    copied out of the memory-mapped file: tensors there sit at arbitrary byte offsets, and on
+    such unaligned matrices the CPU matrix kernels run slower and round differently from the
+    official model's (whose parameters are freshly allocated).
     """
     with safe_open(weights, framework="pt", device=str(device)) as tensors:
-        state = {name: tensors.get_tensor(name).to(dtype) for name in tensors.keys()}  # noqa: SIM118
+        state = {name: tensors.get_tensor(name).to(dtype, copy=True) for name in tensors.keys()}  # noqa: SIM118
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
@@ -150,7 +131,7 @@ def repaint_window(
     """(left pad, right pad, start frame, end frame) of a repaint, in padded coordinates.
 
     A start before 0 or an end after the source pads it with silence (outpainting);
-    no end, or a negative one, means the end of the source (MODEL.md §7.1).
+    no end, or a negative one, means the end of the source (upstream repaint semantics).
     """
     start = round((start_s or 0.0) * SAMPLE_RATE)
     end = source_samples if end_s is None or end_s < 0 else round(end_s * SAMPLE_RATE)
@@ -227,7 +208,7 @@ class Pipeline:
         params: GenerationParams,
         *,
         progress: ProgressFn | None = None,
-        vae_chunk_frames: int = 512,
+        vae_chunk_frames: int = DECODE_CHUNK_FRAMES,
     ) -> Audio:
         """text2music, repaint or cover for one request."""
         cond = self.prepare(params, progress)
@@ -239,7 +220,6 @@ class Pipeline:
     @torch.inference_mode()
     def prepare(self, params: GenerationParams, progress: ProgressFn | None = None) -> Conditioning:
         """Prompts, text encoder, audio inputs, condition encoder and noise ("text" stage)."""
-        _validate(params)
         if progress:
             progress("text", 0, 1)
         start = time.perf_counter()
@@ -253,7 +233,7 @@ class Pipeline:
             chunk_mask = torch.ones(1, frames, device=self.device, dtype=self.dtype)
             hints = None
         else:
-            source = self._read_source(params.src_audio, "src_audio")  # [2, S]
+            source = self._read_source(Path(params.src_audio), "src_audio")  # [2, S]
             if params.task == "repaint":
                 left, right, start_f, end_f = repaint_window(
                     params.repaint_start_s, params.repaint_end_s, source.shape[1]
@@ -335,7 +315,7 @@ class Pipeline:
     def _repaint_inputs(
         self, clean: torch.Tensor, start_f: int, end_f: int
     ) -> tuple[torch.Tensor, torch.Tensor, RepaintInputs]:
-        """Source latents with a silenced hole, the chunk mask and the injection inputs (§7.1)."""
+        """Source latents with a silenced hole, the chunk mask and the injection inputs."""
         frames = clean.shape[1]
         start_f = min(max(start_f, 0), frames - 1)
         end_f = min(max(end_f, start_f + 1), frames)
@@ -344,8 +324,8 @@ class Pipeline:
         src_latents = torch.where(inside[..., None], self.silence_latent[:, :frames], clean)
         return src_latents, inside.to(self.dtype), RepaintInputs(mask=inside, clean_latents=clean)
 
-    def _reference_latents(self, path: Path | None, seed: int) -> torch.Tensor:
-        """Timbre reference [1, 750, 64]: silence without a reference (MODEL.md §7.3).
+    def _reference_latents(self, path: str | None, seed: int) -> torch.Tensor:
+        """Timbre reference [1, 750, 64]: silence without a reference (`infer_refer_latent`).
 
         Upstream picks one random 10 s segment from each third of the (tiled) clip;
         we pick them with a generator seeded by the request seed, so a seed
@@ -353,7 +333,7 @@ class Pipeline:
         """
         if path is None:
             return self.silence_latent[:, :REFERENCE_FRAMES]
-        audio = self._read_source(path, "reference_audio")  # [2, S]
+        audio = self._read_source(Path(path), "reference_audio")  # [2, S]
         if audio.abs().max() < SILENT_PEAK:
             return self.silence_latent[:, :REFERENCE_FRAMES]
         segment = int(REFERENCE_SEGMENT_S * SAMPLE_RATE)
@@ -402,7 +382,7 @@ class Pipeline:
         latents: torch.Tensor,
         progress: ProgressFn | None = None,
         *,
-        vae_chunk_frames: int = 512,
+        vae_chunk_frames: int = DECODE_CHUNK_FRAMES,
     ) -> Audio:
         """Tiled VAE decode, checks, anti-clipping and crop ("vae" stage)."""
         start = time.perf_counter()
@@ -415,7 +395,6 @@ class Pipeline:
         waveform = self.vae.tiled_decode(
             latents,
             chunk_frames=vae_chunk_frames,
-            overlap_frames=min(64, vae_chunk_frames // 4),
             on_chunk=on_chunk,
         )
         waveform = waveform[0].float().cpu()  # [2, T * 1920]
@@ -435,28 +414,3 @@ class Pipeline:
             duration_s=samples / SAMPLE_RATE,
             timings=dict(cond.timings),
         )
-
-
-def _validate(params: GenerationParams) -> None:
-    """Reject what the model cannot do, with a message a caller can act on."""
-    if not params.caption.strip():
-        raise InvalidRequest("caption must not be empty")
-    if params.task not in TASKS:
-        raise InvalidRequest(f"task must be one of {', '.join(TASKS)}, not {params.task!r}")
-    if not MIN_DURATION_S <= params.duration_s <= MAX_DURATION_S:
-        raise InvalidRequest(
-            f"duration_s must be between {MIN_DURATION_S:g} and {MAX_DURATION_S:g} seconds"
-        )
-    if not math.isfinite(params.shift) or params.shift <= 0:
-        raise InvalidRequest("shift must be a positive number (1, 2 or 3)")
-    if params.task != "text2music" and params.src_audio is None:
-        raise InvalidRequest(f"task {params.task!r} needs src_audio")
-    if params.task == "text2music" and params.src_audio is not None:
-        raise InvalidRequest("src_audio is only used by the repaint and cover tasks")
-    start, end = params.repaint_start_s, params.repaint_end_s
-    if params.task == "repaint" and start is not None and end is not None and 0 <= end <= start:
-        raise InvalidRequest("repaint_end_s must be after repaint_start_s")
-    for name in ("src_audio", "reference_audio"):
-        path = getattr(params, name)
-        if path is not None and not Path(path).is_file():
-            raise InvalidRequest(f"{name} {path} is not a readable file")

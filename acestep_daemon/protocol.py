@@ -12,24 +12,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
-from acestep_daemon.audio import SUPPORTED_EXTENSIONS
-from acestep_daemon.constants import AUDIO_CHANNELS, MAX_DURATION_S, MIN_DURATION_S, SAMPLE_RATE
+from acestep_daemon.constants import AUDIO_CHANNELS, OUTPUT_EXTENSIONS, SAMPLE_RATE
+from acestep_daemon.params import Flag, GenerationParams, StrictModel, absolute_path
 
 MAX_LINE_BYTES = 1 << 20
 """A request line (without its newline) may be at most 1 MiB."""
 
-MAX_SEED = 2**64 - 1
-"""ace-step-rs clients send the seed as a u64."""
-
 ErrorCode = Literal["invalid_request", "busy", "oom", "cancelled", "internal", "shutting_down"]
-Task = Literal["text2music", "repaint", "cover"]
 CommandName = Literal["unload", "load", "status", "ping"]
 
-_EXTENSIONS = tuple(ext.lstrip(".").lower() for ext in SUPPORTED_EXTENSIONS)
+_EXTENSIONS = tuple(ext.lstrip(".") for ext in OUTPUT_EXTENSIONS)
 
 
 class ProtocolError(Exception):
@@ -40,82 +36,35 @@ class ProtocolError(Exception):
         self.code: ErrorCode = code
 
 
-def _absolute(value: str | None, name: str) -> str | None:
-    """Absolute paths only: the daemon's working directory means nothing to a caller."""
-    if value is None:
-        return None
-    path = PurePosixPath(value)
-    if "\0" in value or not value.strip():
-        raise ValueError(f"{name} is not a usable path")
-    if not path.is_absolute():
-        raise ValueError(f"{name} must be an absolute path, got {value!r}")
-    if ".." in path.parts:
-        raise ValueError(f"{name} must not contain '..'")
-    return str(path)
+class GenerateRequest(GenerationParams):
+    """A generation request: the generation's parameters plus where and how to answer."""
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
-
-
-class GenerateRequest(_Strict):
-    """A generation request; the first eight fields are the ace-step-rs protocol."""
-
-    caption: str
-    lyrics: str = ""
-    metas: str = ""
-    language: str = "en"
-    duration_s: float = Field(30.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
-    shift: float = Field(3.0, gt=0, le=100)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    output: str | None = None
-    bpm: int | None = Field(None, ge=20, le=400)
-    key: str | None = None
-    time_signature: str | None = None
-    reference_audio: str | None = None
-    src_audio: str | None = None
-    repaint_start_s: float | None = Field(None, ge=-MAX_DURATION_S, le=MAX_DURATION_S)
-    repaint_end_s: float | None = Field(None, ge=-MAX_DURATION_S, le=MAX_DURATION_S)
-    task: Task = "text2music"
-    progress: bool = False
-
-    @field_validator("caption")
-    @classmethod
-    def _caption_not_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("caption is required and must not be empty")
-        return value
+    output: Annotated[str | None, Flag("-o", "--output", path=True)] = Field(
+        None, description="file to write; the format follows the extension (default: spool .ogg)"
+    )
+    progress: Annotated[bool, Flag("--progress")] = Field(
+        False, description="also send progress lines before the answer"
+    )
 
     @field_validator("output")
     @classmethod
     def _output_path(cls, value: str | None) -> str | None:
-        path = _absolute(value, "output")
-        if path is not None:
-            suffix = PurePosixPath(path).suffix.lstrip(".").lower()
-            if suffix not in _EXTENSIONS:
-                raise ValueError(
-                    f"output must end in one of {', '.join('.' + e for e in _EXTENSIONS)}"
-                )
+        if value is None:
+            return None
+        path = absolute_path(value, "output")
+        suffix = PurePosixPath(path).suffix.lstrip(".").lower()
+        if suffix not in _EXTENSIONS:
+            raise ValueError(f"output must end in one of {', '.join('.' + e for e in _EXTENSIONS)}")
         return path
 
-    @field_validator("reference_audio", "src_audio")
-    @classmethod
-    def _input_path(cls, value: str | None, info: Any) -> str | None:
-        return _absolute(value, info.field_name)
-
-    @model_validator(mode="after")
-    def _task_inputs(self) -> GenerateRequest:
-        if self.task != "text2music" and self.src_audio is None:
-            raise ValueError(f"task {self.task!r} needs src_audio")
-        if self.task == "text2music" and self.src_audio is not None:
-            raise ValueError("src_audio is only used by the repaint and cover tasks")
-        has_range = self.repaint_start_s is not None or self.repaint_end_s is not None
-        if has_range and self.task != "repaint":
-            raise ValueError("repaint_start_s/repaint_end_s are only used by the repaint task")
-        return self
+    def to_params(self) -> GenerationParams:
+        """The generation's parameters alone (already validated)."""
+        return GenerationParams.model_construct(
+            **{name: getattr(self, name) for name in GenerationParams.model_fields}
+        )
 
 
-class CommandRequest(_Strict):
+class CommandRequest(StrictModel):
     """A control message: `{"command": "unload" | "load" | "status" | "ping"}`."""
 
     command: CommandName

@@ -1,8 +1,9 @@
 """Text front-end: prompt templates, the metas block, and the Qwen3-Embedding encoder.
 
 The caption goes through the whole Qwen3 model (last hidden state after the final
-norm); the lyrics only through its input embedding table (MODEL.md §5). Prompt
-strings are reproduced byte for byte from the upstream templates.
+norm); the lyrics only through its input embedding table. Prompt strings are
+reproduced byte for byte from the upstream templates (`SFT_GEN_PROMPT` in
+`acestep/constants.py`, `AceStepHandler._prepare_batch` in `acestep/handler.py`).
 
 Token ids come from the checkpoint's own tokenizer files with default settings.
 The current Qwen3-Embedding tokenizer's post-processor appends `<|endoftext|>` to
@@ -12,14 +13,13 @@ end `…<|endoftext|>, <|endoftext|>`; truncation keeps that final token.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Model
 
-from acestep_daemon.errors import InvalidRequest
+from acestep_daemon.params import time_signature_numerator
 
 TEXT2MUSIC_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
 REPAINT_INSTRUCTION = "Repaint the mask area based on the given conditions:"
@@ -36,8 +36,6 @@ CAPTION_MAX_TOKENS = 256
 LYRICS_MAX_TOKENS = 2048
 DEFAULT_METAS_DURATION_S = 30
 """Duration the metas block shows when none is known (upstream default)."""
-
-_TIME_SIGNATURE = re.compile(r"^\s*(\d+)\s*(?:/\s*(\d+)\s*)?$")
 
 
 def caption_prompt(
@@ -56,22 +54,6 @@ def lyrics_prompt(lyrics: str, language: str) -> str:
     return f"# Languages\n{language}\n\n# Lyric\n{lyrics}{EOS_TEXT}"
 
 
-def time_signature_numerator(time_signature: str) -> str:
-    """Training format of a time signature: the numerator ("4/4" -> "4", "6/8" -> "6").
-
-    Accepts "N" or "N/D" with a positive numerator and a power-of-two denominator.
-    """
-    match = _TIME_SIGNATURE.match(time_signature)
-    if match is None:
-        raise InvalidRequest(f"time_signature {time_signature!r}: expected e.g. '4', '4/4', '6/8'")
-    numerator, denominator = int(match.group(1)), match.group(2)
-    if numerator < 1 or numerator > 32:
-        raise InvalidRequest(f"time_signature {time_signature!r}: numerator must be 1..32")
-    if denominator is not None and int(denominator) not in (1, 2, 4, 8, 16, 32):
-        raise InvalidRequest(f"time_signature {time_signature!r}: denominator must be 1..32, 2^k")
-    return str(numerator)
-
-
 def render_metas(
     bpm: int | None, time_signature: str | None, key: str | None, duration_s: float | None
 ) -> str:
@@ -80,10 +62,8 @@ def render_metas(
     bpm 0 counts as missing; the duration is truncated to whole seconds and is
     30 when unknown, as upstream.
     """
-    if bpm is not None and (isinstance(bpm, bool) or bpm < 0):
-        raise InvalidRequest(f"bpm {bpm!r}: expected a positive integer")
     bpm_text = str(int(bpm)) if bpm else "N/A"
-    ts_text = time_signature_numerator(time_signature) if time_signature else "N/A"
+    ts_text = str(time_signature_numerator(time_signature)) if time_signature else "N/A"
     key_text = key.strip() if key and key.strip() else "N/A"
     seconds = DEFAULT_METAS_DURATION_S if duration_s is None else int(duration_s)
     return (

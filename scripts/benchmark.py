@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from acestep_daemon.checkpoint import resolve_checkpoint
-from acestep_daemon.pipeline import GenerationParams, Pipeline
+from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
+from acestep_daemon.params import GenerationParams
+from acestep_daemon.pipeline import Pipeline
 from acestep_daemon.tiny import make_tiny_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -42,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--durations", type=float, nargs="+", default=[10.0, 30.0, 240.0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--vae-chunk", type=int, default=512, help="VAE chunk in latent frames")
+    parser.add_argument(
+        "--vae-chunk", type=int, default=DECODE_CHUNK_FRAMES, help="VAE chunk in latent frames"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -23,7 +23,8 @@ def load_tiny_model(**config_changes: object) -> AceStepModel:
 def load_weights(config: dict, state: dict[str, torch.Tensor]) -> AceStepModel:
     with torch.device("meta"):
         model = AceStepModel.from_config(config)
-    model.load_state_dict(state, strict=True, assign=True)
+    # Fresh (aligned) copies, as the pipeline loads them; see pipeline.load_module.
+    model.load_state_dict({k: t.clone() for k, t in state.items()}, strict=True, assign=True)
     return model.eval()
 
 

@@ -225,8 +225,46 @@ def test_hangup_while_running_cancels_between_steps(daemon: Daemon, tmp_path: Pa
     assert not output.exists()
 
 
-def test_invalid_request_found_by_the_pipeline_is_answered_as_such(daemon: Daemon):
+def test_bad_time_signature_is_answered_as_an_invalid_request(daemon: Daemon):
     answer = daemon.ask({"caption": "x", "duration_s": 1, "time_signature": "banana"})
     assert answer["ok"] is False and answer["code"] == "invalid_request"
     assert "time_signature" in answer["error"]
+    assert daemon.ask({"command": "ping"})["ok"]
+
+
+def test_bad_requests_are_refused_at_once_while_a_long_job_runs(daemon: Daemon, tmp_path: Path):
+    """Checks that need no model run before queueing: nothing waits behind the long job."""
+    before = daemon.status()
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(b"")  # a readable file: the range alone makes the request bad
+    long_request = {"caption": "long", "duration_s": 600, "progress": True}
+    bad_requests = [
+        (
+            {"caption": "x", "task": "cover", "src_audio": str(tmp_path / "missing.wav")},
+            "src_audio",
+        ),
+        (
+            {
+                "caption": "x",
+                "task": "repaint",
+                "src_audio": str(clip),
+                "repaint_start_s": 5.0,
+                "repaint_end_s": 2.0,
+            },
+            "repaint_end_s",
+        ),
+        ({"caption": "x", "time_signature": "7/5"}, "time_signature"),
+        ({"caption": "x", "key": "H major"}, "key"),
+    ]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as running_client:
+        running_client.connect(str(daemon.socket))
+        running_client.sendall(json.dumps(long_request).encode() + b"\n")
+        running_client.shutdown(socket.SHUT_WR)
+        running_client.recv(1)  # the long job runs
+        for request, field in bad_requests:
+            answer = daemon.ask(request, timeout=10)
+            assert answer["ok"] is False and answer["code"] == "invalid_request", answer
+            assert field in answer["error"]
+            status = daemon.status()
+            assert status["busy"] is True and status["generated"] == before["generated"]
     assert daemon.ask({"command": "ping"})["ok"]

@@ -256,3 +256,26 @@ def test_running_job_past_the_grace_period_is_stopped(tmp_path: Path, tiny_check
     assert json.loads(answers[-1])["code"] == "shutting_down"
     assert daemon.proc.wait(60) == 0
     assert not output.exists() and not daemon.socket.exists()
+
+
+def test_second_signal_exits_at_once_during_the_grace_period(tmp_path: Path, tiny_checkpoint: Path):
+    daemon = spawn(tmp_path, "--model-dir", str(tiny_checkpoint), "--shutdown-grace", "600")
+    daemon.wait_ready()
+    output = tmp_path / "cut.wav"
+    request = {"caption": "long", "duration_s": 600, "progress": True, "output": str(output)}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(daemon.socket))
+        client.sendall(json.dumps(request).encode() + b"\n")
+        client.shutdown(socket.SHUT_WR)
+        client.recv(1)  # running
+        daemon.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "shutting down" not in daemon.stderr():
+            assert time.monotonic() < deadline, daemon.stderr()
+            time.sleep(0.05)
+        with pytest.raises(subprocess.TimeoutExpired):
+            daemon.proc.wait(0.5)  # the first signal waits for the running job
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(10) == 130
+    assert "second SIGTERM: exiting now" in daemon.stderr()
+    assert not output.exists()

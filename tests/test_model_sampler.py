@@ -6,14 +6,15 @@ import itertools
 
 import pytest
 import torch
-from model_fixtures import TINY, load_tiny_model
+from model_fixtures import TINY, load_tiny_model, relative_error
 from safetensors.torch import load_file
 
-from acestep_daemon.model import draw_noise, sample_turbo, snap_shift, turbo_timesteps
+from acestep_daemon.model import AceStepModel, draw_noise, sample_turbo, snap_shift, turbo_timesteps
 from acestep_daemon.model.attention import rope_inv_freq
 from acestep_daemon.model.tokenizer import fsq_codes
 
-# MODEL.md §6.4: the values the official sampler actually uses under bf16.
+# The values the official turbo sampler actually uses under bf16 (its timestep table
+# rounded to bfloat16 before use).
 BF16_TIMESTEPS = {
     3.0: [1.0, 0.953125, 0.8984375, 0.83203125, 0.75, 0.64453125, 0.5, 0.30078125],
     2.0: [1.0, 0.93359375, 0.85546875, 0.76953125, 0.66796875, 0.546875, 0.400390625, 0.22265625],
@@ -118,14 +119,18 @@ def test_bf16_fsq_codebook_is_formed_in_bf16_like_the_official_buffer() -> None:
         assert torch.equal(grid, facts[f"fsq_codebook_grid.d{d}"])
 
 
+BF16_ERROR_FACTOR = 2.0
+"""How far past the official bf16 run's own error a correct bf16 port may land (see below)."""
+
+
 @torch.no_grad()
-def test_bf16_generation_is_bit_identical_to_the_official_bf16_run() -> None:
-    """Same torch build on the CPU: every bf16 rounding (RoPE, timesteps, dt, updates) agrees."""
-    facts = load_file(TINY / "bf16.safetensors")
+def bf16_generation(model: AceStepModel) -> torch.Tensor:
+    """The fixture's shift-3 generation with every input and the model in bf16."""
     cases = load_file(TINY / "cases.safetensors")
-    model = load_tiny_model().to(torch.bfloat16)
+    model = model.to(torch.bfloat16)
     noise = draw_noise([11, 22], 17, 64, "cpu", torch.bfloat16)
-    assert torch.equal(noise, facts["generate_bf16.noise"])
+    # bf16 noise is the fp32 draw rounded, so it is the same on every CPU.
+    assert torch.equal(noise, cases["generate.noise"].bfloat16())
     hidden, _ = model.encode_condition(
         cases["condition.text_hidden"].bfloat16(),
         cases["condition.text_mask"],
@@ -136,5 +141,45 @@ def test_bf16_generation_is_bit_identical_to_the_official_bf16_run() -> None:
     )
     source = cases["generate.silence_latent"][:, :17].repeat(2, 1, 1).bfloat16()
     context = model.build_context(source, torch.ones(2, 17))
-    out = sample_turbo(model, noise, hidden, context, 3.0)
-    assert torch.equal(out, facts["generate_bf16.shift3"])
+    return sample_turbo(model, noise, hidden, context, 3.0)
+
+
+def load_fp32_result() -> torch.Tensor:
+    """The official fp32 generation of the same case."""
+    return load_file(TINY / "cases.safetensors")["generate.shift3"]
+
+
+def bf16_error_budget() -> float:
+    """BF16_ERROR_FACTOR x the official bf16 run's error against the official fp32 run."""
+    official_bf16 = load_file(TINY / "bf16.safetensors")["generate_bf16.shift3"]
+    return BF16_ERROR_FACTOR * relative_error(official_bf16, load_fp32_result())
+
+
+def test_bf16_generation_stays_within_twice_the_official_bf16_error_of_the_fp32_run() -> None:
+    """bf16 is compared with the official fp32 result, never bit for bit.
+
+    bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.39 %), and which of two neighbouring
+    values a matmul, softmax or norm output rounds to depends on the CPU's kernels (blocking,
+    accumulation order, AMX or AVX-512 or neither), so two correct bf16 runs on different CPUs
+    differ. Most of the bf16 error is common to every CPU: the rounded weights, inputs,
+    RoPE frequencies and schedule; the kernel-dependent part is of the same size per rounding
+    and grows the same way through 4 layers x 8 steps. The official bf16 run (fixture, made on
+    another CPU) lands 3.5 % of the output scale from the official fp32 run; ours, here, 3.8 %;
+    ours with half the noise values moved by one bf16 ulp (a stand-in for different kernel
+    roundings) 3.5-3.8 %, and 0.65-1.3 % from the official bf16 output. A correct port thus
+    lands within 2x the official bf16 error (6.9 %) on any CPU, while a one-off sliding window
+    (9.4 %) or swapped AdaLN rows (39-77 %) fall outside (see the test below).
+    """
+    assert relative_error(bf16_generation(load_tiny_model()), load_fp32_result()) <= (
+        bf16_error_budget()
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"sliding_window": 5}, {"sliding_window": 3}, {"use_sliding_window": False}],
+    ids=["window-one-too-wide", "window-one-too-narrow", "no-sliding-window"],
+)
+def test_a_porting_mistake_falls_outside_the_bf16_error_budget(change: dict) -> None:
+    out = bf16_generation(load_tiny_model(**change))
+    assert relative_error(out, load_fp32_result()) > bf16_error_budget()

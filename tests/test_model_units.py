@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
-from model_fixtures import load_tiny_model
+from model_fixtures import TINY, load_tiny_model
+from safetensors.torch import load_file
+from torch.profiler import ProfilerActivity, profile
 
 from acestep_daemon.model.attention import additive_mask
 from acestep_daemon.model.encoders import pack_sequences, unpack_references
+
+DIT_INPUTS = ("x", "timestep", "timestep_r", "encoder_hidden", "context")
 
 
 def test_pack_moves_valid_tokens_first_keeping_their_order() -> None:
@@ -58,3 +64,17 @@ def test_tokenize_pads_a_partial_window_with_the_first_silence_frames() -> None:
         manual, _ = model.tokenizer(padded.reshape(1, 2, 5, 64))
     assert ours.shape == (1, 2, 64)
     assert torch.equal(ours, manual)
+
+
+def test_dit_projections_are_single_matrix_products_with_gradients_off() -> None:
+    """The residual stream is a transposed view; with `requires_grad_(False)` an unfolded
+    `nn.Linear` would take a batched product (`aten::bmm`) there: slow in bf16 on the CPU and
+    rounded unlike the official model, whose weights require grad and so fold to `aten::mm`."""
+    cases = load_file(TINY / "cases.safetensors")
+    model = load_tiny_model().requires_grad_(False).to(torch.bfloat16)
+    inputs = [cases[f"dit_t21.{n}"].bfloat16() for n in DIT_INPUTS]
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as trace:
+        model.decoder(*inputs)
+    ops = Counter(event.name for event in trace.events())
+    assert ops["aten::bmm"] == 0
+    assert ops["aten::mm"] == 11 * model.config.num_hidden_layers

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from acestep_daemon.params import MAX_SEED
 from acestep_daemon.protocol import (
-    MAX_SEED,
     CommandRequest,
     GenerateRequest,
     ProtocolError,

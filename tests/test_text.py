@@ -1,4 +1,4 @@
-"""Prompt templates, the metas block and the Qwen3 text front-end (MODEL.md §5)."""
+"""Prompt templates, the metas block and the Qwen3 text front-end (upstream `SFT_GEN_PROMPT`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import Qwen3Model
 
-from acestep_daemon.errors import InvalidRequest
 from acestep_daemon.text import (
     CAPTION_MAX_TOKENS,
     COVER_INSTRUCTION,
@@ -21,7 +20,6 @@ from acestep_daemon.text import (
     lyrics_prompt,
     metas_for_request,
     render_metas,
-    time_signature_numerator,
 )
 
 MODEL_MD_EXAMPLE = (
@@ -83,25 +81,6 @@ def test_instructions_are_the_upstream_strings() -> None:
 )
 def test_render_metas_gives_the_training_block(args: tuple, expected: str) -> None:
     assert render_metas(*args) == expected
-
-
-@pytest.mark.parametrize(
-    ("given", "numerator"),
-    [("4", "4"), ("4/4", "4"), ("3/4", "3"), ("6/8", "6"), ("2/4", "2"), (" 12 / 8 ", "12")],
-)
-def test_time_signature_renders_as_its_numerator(given: str, numerator: str) -> None:
-    assert time_signature_numerator(given) == numerator
-
-
-@pytest.mark.parametrize("bad", ["four", "4/3", "0/4", "4/", "/4", "3:4"])
-def test_bad_time_signature_is_an_invalid_request(bad: str) -> None:
-    with pytest.raises(InvalidRequest, match="time_signature"):
-        render_metas(None, bad, None, 30)
-
-
-def test_negative_bpm_is_an_invalid_request() -> None:
-    with pytest.raises(InvalidRequest, match="bpm"):
-        render_metas(-5, None, None, 30)
 
 
 def test_structured_metas_fields_win_over_a_free_string() -> None:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2TokenizerFast
 
 from acestep_daemon.checkpoint import REQUIRED_FILES, CheckpointPaths, resolve_checkpoint
-from acestep_daemon.pipeline import GenerationParams, Pipeline
+from acestep_daemon.params import GenerationParams
+from acestep_daemon.pipeline import Pipeline
 from acestep_daemon.tiny import LATENT_CHANNELS, make_tiny_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"

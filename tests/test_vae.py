@@ -38,6 +38,12 @@ def reference() -> dict[str, torch.Tensor]:
     return load_file(TINY_IO)
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    assert actual.shape == expected.shape
+    return ((actual.float() - expected.float()).abs().max() / expected.abs().max()).item()
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
     assert actual.shape == expected.shape
     tolerance = rel * expected.abs().max().item()
@@ -76,13 +82,66 @@ def test_encode_mean_and_std_match_diffusers_posterior(vae: OobleckVAE, referenc
     assert_close(std, reference["encode.std"])
 
 
-def test_bf16_decode_and_encode_are_bit_identical_to_the_reference(reference: dict) -> None:
-    vae = load_tiny().to(torch.bfloat16)
+def snake_without_exp(self: Snake1d, x: torch.Tensor) -> torch.Tensor:
+    return x + (self.beta + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+
+
+def transposed_norm_per_output_channel(self: WNConvTranspose1d) -> torch.Tensor:
+    v = self.weight_v  # [in, out, k]: normalise over dims 0 and 2 instead of 1 and 2
+    return v * (self.weight_g.view(-1, 1, 1).mean() / v.norm(dim=(0, 2), keepdim=True))
+
+
+BF16_ERROR_FACTOR = 2.0
+"""How far past the reference bf16 run's own error a correct bf16 port may land."""
+
+
+def bf16_errors(vae: OobleckVAE, reference: dict) -> tuple[float, float]:
+    """(decode, encode-mean) errors of `vae` in bf16, each as a multiple of its budget:
+    BF16_ERROR_FACTOR x the reference bf16 error against the reference fp32 output."""
+    vae = vae.to(torch.bfloat16)
     with torch.no_grad():
         audio = vae.decode(reference["decode.latents"].to(torch.bfloat16))
         mean, _ = vae.encode(reference["encode.audio"].to(torch.bfloat16))
-    assert torch.equal(audio, reference["decode.audio_bf16"])
-    assert torch.equal(mean, reference["encode.mean_bf16"])
+    ratios = []
+    for ours, name in ((audio, "decode.audio"), (mean, "encode.mean")):
+        budget = BF16_ERROR_FACTOR * relative_error(reference[f"{name}_bf16"], reference[name])
+        ratios.append(relative_error(ours, reference[name]) / budget)
+    return ratios[0], ratios[1]
+
+
+def test_bf16_decode_and_encode_stay_within_twice_the_reference_bf16_error(
+    reference: dict,
+) -> None:
+    """bf16 is compared with the fp32 reference, never bit for bit.
+
+    bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.39 %) and the rounding of each
+    convolution output depends on the CPU's kernels, so correct bf16 runs differ between CPUs.
+    The common part of the error (rounded weights, Snake parameters, inputs) is the same
+    everywhere; the kernel-dependent part is of the same size per rounding. The reference bf16
+    run lands 1.8 % (decode) and 0.71 % (encode mean) of the output scale from its fp32 run;
+    ours with half the inputs moved by one bf16 ulp (a stand-in for other kernels) 1.5-1.9 %
+    and 0.72-0.94 %. A correct port stays within 2x the reference error (3.6 %, 1.4 %) on any
+    CPU; the porting mistakes below land 3.5x to 850x past it.
+    """
+    decode, encode = bf16_errors(load_tiny(), reference)
+    assert decode <= 1.0
+    assert encode <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("owner", "name", "wrong"),
+    [
+        (Snake1d, "forward", snake_without_exp),
+        (WNConvTranspose1d, "weight", transposed_norm_per_output_channel),
+    ],
+    ids=["snake-without-exp", "transposed-weight-norm-wrong-dim"],
+)
+def test_a_porting_mistake_falls_outside_the_bf16_error_budget(
+    monkeypatch: pytest.MonkeyPatch, reference: dict, owner: type, name: str, wrong: Callable
+) -> None:
+    monkeypatch.setattr(owner, name, wrong)
+    decode, _ = bf16_errors(load_tiny(), reference)
+    assert decode > 1.0
 
 
 def test_parametrization_key_names_load_as_weight_g_and_weight_v(reference: dict) -> None:
@@ -96,15 +155,6 @@ def test_parametrization_key_names_load_as_weight_g_and_weight_v(reference: dict
     with torch.no_grad():
         audio = vae.decode(reference["decode.latents"])
     assert_close(audio, reference["decode.audio"])
-
-
-def snake_without_exp(self: Snake1d, x: torch.Tensor) -> torch.Tensor:
-    return x + (self.beta + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
-
-
-def transposed_norm_per_output_channel(self: WNConvTranspose1d) -> torch.Tensor:
-    v = self.weight_v  # [in, out, k]: normalise over dims 0 and 2 instead of 1 and 2
-    return v * (self.weight_g.view(-1, 1, 1).mean() / v.norm(dim=(0, 2), keepdim=True))
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AceStepConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 """(cos, sin), each [1, S, head_dim] in the activation dtype."""
@@ -95,10 +95,10 @@ class Attention(nn.Module):
         q_width = config.num_attention_heads * config.head_dim
         kv_width = config.num_key_value_heads * config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=bias)
-        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, q_width, bias=bias)
+        self.k_proj = Linear(config.hidden_size, kv_width, bias=bias)
+        self.v_proj = Linear(config.hidden_size, kv_width, bias=bias)
+        self.o_proj = Linear(q_width, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
@@ -106,23 +106,42 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, H, S, head_dim]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor,
-        cos_sin: Rope | None = None,
-        context: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x [B, S, D] -> [B, S, D]; keys/values from `context` [B, Sc, D] when given."""
-        source = x if context is None else context
-        batch, length, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+    def keys_values(
+        self, source: torch.Tensor, cos_sin: Rope | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """source [B, Sk, D] -> (keys, values), each [B, H, Sk, head_dim] (GQA heads repeated).
+
+        Keys are RMS-normed per head and, for self-attention, rotated.
+        """
         k = self.k_norm(self.k_proj(source).view(*source.shape[:2], -1, self.head_dim))
         k = k.transpose(1, 2)  # [B, Hkv, Sk, head_dim]
         v = self._heads(self.v_proj(source))
         if cos_sin is not None:
-            q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
-        k = k.repeat_interleave(self.kv_repeats, dim=1)  # [B, H, Sk, head_dim]
-        v = v.repeat_interleave(self.kv_repeats, dim=1)
+            k = apply_rope(k, cos_sin)
+        return k.repeat_interleave(self.kv_repeats, dim=1), v.repeat_interleave(
+            self.kv_repeats, dim=1
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cos_sin: Rope | None = None,
+        context: torch.Tensor | None = None,
+        keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x [B, S, D] -> [B, S, D]; mask: additive [1 or B, 1, S, Sk], None = attend to all.
+
+        Keys/values come from `keys_values` (see the method of that name) when given, else
+        from `context` [B, Sc, D] (cross-attention), else from x. `cos_sin` rotates queries
+        and keys (self-attention only).
+        """
+        batch, length, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+        if keys_values is None:
+            keys_values = self.keys_values(x if context is None else context, cos_sin)
+        if cos_sin is not None:
+            q = apply_rope(q, cos_sin)
+        k, v = keys_values
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))  # [B, S, D]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, Rope, rope, self_attention_masks
+from .attention import Attention, Rope, additive_mask, rope
 from .config import AceStepConfig
 from .layers import MLP, RMSNorm, Transpose
 
@@ -66,20 +68,48 @@ class DiTLayer(nn.Module):
         self,
         x: torch.Tensor,
         modulation: torch.Tensor,
-        self_mask: torch.Tensor,
+        self_mask: torch.Tensor | None,
         cos_sin: Rope,
-        condition: torch.Tensor,
-        cross_mask: torch.Tensor,
+        cross_keys_values: tuple[torch.Tensor, torch.Tensor],
+        cross_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x [B, P, D], modulation [B, 6, D], condition [B, Sc, D] -> [B, P, D]."""
+        """x [B, P, D], modulation [B, 6, D], cross keys/values [B, H, Sc, head_dim] -> [B, P, D].
+
+        Every condition token is attended, padding included (the official DiT drops the mask).
+        """
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (
             self.scale_shift_table + modulation
         ).chunk(6, dim=1)  # each [B, 1, D]
         h = self.self_attn_norm(x) * (1 + scale_a) + shift_a
         x = x + self.self_attn(h, self_mask, cos_sin) * gate_a
-        x = x + self.cross_attn(self.cross_attn_norm(x), cross_mask, context=condition)
+        x = x + self.cross_attn(self.cross_attn_norm(x), cross_mask, keys_values=cross_keys_values)
         h = self.mlp_norm(x) * (1 + scale_f) + shift_f
         return x + self.mlp(h) * gate_f
+
+
+@dataclass
+class StepConstants:
+    """What every DiT call of one sampling run shares: computed once, reused by each step."""
+
+    cross_keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [B, H, Sc, hd]
+    patches: int
+    cos_sin: Rope
+    full_mask: torch.Tensor | None  # [1, 1, P, P] additive, None = attend to all
+    sliding_mask: torch.Tensor | None
+    cross_mask: torch.Tensor | None  # [1, 1, P, Sc] zeros, or None
+
+
+@dataclass
+class _CachedConstants:
+    source: weakref.ref  # the encoder_hidden tensor they were computed from
+    token: tuple  # its version and the weights' identities and versions
+    constants: StepConstants
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """In-place modification counter; inference tensors have none (and cannot be changed
+    outside inference mode)."""
+    return None if t.is_inference() else t._version
 
 
 class DiT(nn.Module):
@@ -107,6 +137,57 @@ class DiT(nn.Module):
             Transpose(),
         )
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.reuse_step_constants = True
+        """Fast path: compute `StepConstants` once per condition sequence, not at each step."""
+        self.mask_free_attention = True
+        """Fast path: pass no mask where every key is attended (full layers, cross-attention,
+        and sliding layers whose window covers the sequence) instead of an all-zero one."""
+        self._cache: dict[int, _CachedConstants] = {}
+
+    def step_constants(
+        self, encoder_hidden: torch.Tensor, patches: int, dtype: torch.dtype
+    ) -> StepConstants:
+        """Condition embedding and cross-attention keys/values of encoder_hidden [B, S, D],
+        RoPE tables and self-attention masks for `patches` patches."""
+        condition = self.condition_embedder(encoder_hidden)  # [B, S, D]
+        cross = [layer.cross_attn.keys_values(condition) for layer in self.layers]
+        device, window = encoder_hidden.device, self.config.sliding_window
+        full = sliding = cross_mask = None
+        if not self.mask_free_attention:  # the official dense masks
+            full = additive_mask(patches, dtype, device)
+            cross_mask = torch.zeros(1, 1, patches, condition.shape[1], dtype=dtype, device=device)
+        if not self.mask_free_attention or patches - 1 > window:
+            sliding = additive_mask(patches, dtype, device, window)
+        cos_sin = rope(patches, self.config, dtype, device)
+        return StepConstants(cross, patches, cos_sin, full, sliding, cross_mask)
+
+    def _constants(
+        self, encoder_hidden: torch.Tensor, patches: int, dtype: torch.dtype
+    ) -> StepConstants:
+        """`step_constants`, reused while encoder_hidden (the same tensor object, unchanged)
+        and the weights stay the same; an entry is dropped when its tensor is freed."""
+        if not self.reuse_step_constants:
+            return self.step_constants(encoder_hidden, patches, dtype)
+        weights = list(self.condition_embedder.parameters())
+        for layer in self.layers:
+            weights += [layer.cross_attn.k_proj.weight, layer.cross_attn.v_proj.weight]
+            weights.append(layer.cross_attn.k_norm.weight)
+        token = (
+            _version(encoder_hidden),
+            patches,
+            dtype,
+            self.mask_free_attention,
+            *((w.data_ptr(), _version(w)) for w in weights),
+        )
+        key = id(encoder_hidden)
+        entry = self._cache.get(key)
+        if entry is not None and entry.source() is encoder_hidden and entry.token == token:
+            return entry.constants
+        constants = self.step_constants(encoder_hidden, patches, dtype)
+        if entry is None:
+            weakref.finalize(encoder_hidden, self._cache.pop, key, None)
+        self._cache[key] = _CachedConstants(weakref.ref(encoder_hidden), token, constants)
+        return constants
 
     def forward(
         self,
@@ -128,16 +209,12 @@ class DiT(nn.Module):
         if frames % self.config.patch_size:
             h = F.pad(h, (0, 0, 0, self.config.patch_size - frames % self.config.patch_size))
         h = self.proj_in(h)  # [B, P, D]
-        condition = self.condition_embedder(encoder_hidden)  # [B, S, D]
-
-        patches, dtype, device = h.shape[1], h.dtype, h.device
-        cos_sin = rope(patches, self.config, dtype, device)
-        full, sliding = self_attention_masks(self.config, patches, dtype, device)
-        # Every condition token is attended, padding included (the official DiT drops the mask).
-        cross_mask = torch.zeros(1, 1, patches, condition.shape[1], dtype=dtype, device=device)
+        constants = self._constants(encoder_hidden, h.shape[1], h.dtype)
         for index, layer in enumerate(self.layers):
-            mask = sliding if self.config.is_sliding(index) else full
-            h = layer(h, modulation, mask, cos_sin, condition, cross_mask)
+            sliding = self.config.is_sliding(index)
+            mask = constants.sliding_mask if sliding else constants.full_mask
+            cross = constants.cross_keys_values[index]
+            h = layer(h, modulation, mask, constants.cos_sin, cross, constants.cross_mask)
 
         shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)  # [B, 1, D]
         h = self.norm_out(h) * (1 + scale) + shift

@@ -42,6 +42,13 @@ _PARAMETRIZED_G = "parametrizations.weight.original0"
 _PARAMETRIZED_V = "parametrizations.weight.original1"
 
 
+DECODE_CHUNK_FRAMES = 512
+"""Latent frames per VAE decode tile when memory is plentiful (upstream's default)."""
+
+DECODE_OVERLAP_FRAMES = 64
+"""Context frames on each side of a decode tile (upstream's default)."""
+
+
 @dataclass
 class OobleckConfig:
     """The fields of ``vae/config.json`` (values shown are ACE-Step v1.5's)."""
@@ -82,7 +89,7 @@ class _WeightNormed(nn.Module):
 
     def weight(self) -> torch.Tensor:
         # w = g · v / ‖v‖ per dim-0 slice; the same kernel as torch.nn.utils.weight_norm
-        # (fp32 accumulation for half dtypes), so bf16 matches the reference bit for bit.
+        # (fp32 accumulation for half dtypes), as the reference computes it.
         return torch._weight_norm(self.weight_v, self.weight_g, 0)
 
 
@@ -271,8 +278,8 @@ class OobleckVAE(nn.Module):
     def tiled_decode(
         self,
         latents: torch.Tensor,
-        chunk_frames: int = 512,
-        overlap_frames: int = 64,
+        chunk_frames: int = DECODE_CHUNK_FRAMES,
+        overlap_frames: int | None = None,
         on_chunk: ChunkCallback | None = None,
     ) -> torch.Tensor:
         """Upstream ``tiled_decode``: latents [B, 64, T] -> audio [B, 2, T · 1920] in windows.
@@ -281,8 +288,11 @@ class OobleckVAE(nn.Module):
         ``overlap_frames`` of context on each side, which is then cut off; the decoder's
         receptive field (about ±10 frames) is far smaller, so the result equals
         :meth:`decode`. As upstream, the overlap is halved until the core is positive, and
-        latents no longer than one chunk are decoded in one call.
+        latents no longer than one chunk are decoded in one call. Without ``overlap_frames``
+        the overlap is a quarter of the chunk, at most ``DECODE_OVERLAP_FRAMES``.
         """
+        if overlap_frames is None:
+            overlap_frames = min(DECODE_OVERLAP_FRAMES, chunk_frames // 4)
         frames = latents.shape[-1]
         while chunk_frames - 2 * overlap_frames <= 0 and overlap_frames > 0:
             overlap_frames //= 2

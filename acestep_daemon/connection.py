@@ -1,0 +1,331 @@
+"""One connection: read a request line, check the peer, answer a command or run a job.
+
+A caller that half-closes (socat, the ace-step-rs client) is still waiting for
+its answer; only a peer that can no longer receive (EPOLLHUP/EPOLLERR on the
+socket, EPIPE on a write) has hung up, and that cancels its job. Errors from
+below are turned into wire answers here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from acestep_daemon import paths, protocol, sdnotify
+from acestep_daemon.errors import AceStepError, Cancelled, InvalidRequest
+from acestep_daemon.manager import (
+    GenerationManager,
+    Job,
+    JobHandle,
+    JobResult,
+    QueueFull,
+    ShuttingDown,
+)
+from acestep_daemon.memory import OutOfMemory
+from acestep_daemon.options import ServerOptions
+
+logger = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def wire_error(error: BaseException) -> dict[str, Any]:
+    """A typed error from below → the wire's error answer."""
+    if isinstance(error, protocol.ProtocolError):
+        return protocol.error_answer(str(error), error.code)
+    if isinstance(error, InvalidRequest):
+        return protocol.error_answer(str(error), "invalid_request")
+    if isinstance(error, QueueFull):
+        return protocol.error_answer(
+            str(error), "busy", queue_depth=error.depth, queue_limit=error.limit
+        )
+    if isinstance(error, ShuttingDown):
+        return protocol.error_answer(str(error), "shutting_down")
+    if isinstance(error, Cancelled):
+        return protocol.error_answer(str(error), "cancelled")
+    if isinstance(error, OutOfMemory | MemoryError):
+        return protocol.error_answer(str(error), "oom")
+    if isinstance(error, AceStepError | OSError):
+        return protocol.error_answer(f"generation failed: {error}", "internal")
+    return protocol.error_answer(f"internal error: {type(error).__name__}: {error}", "internal")
+
+
+def output_path(request: protocol.GenerateRequest) -> Path:
+    """The requested file (its folder created) or a fresh spool file."""
+    path = Path(request.output) if request.output else paths.spool_path()
+    if path.is_dir():
+        raise InvalidRequest(f"output {path} is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidRequest(f"could not create output directory: {error}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise InvalidRequest(f"output directory {path.parent} is not writable")
+    return path
+
+
+class HangupWatcher:
+    """Calls back when a connection's peer has fully closed (EPOLLHUP / EPOLLERR).
+
+    Sockets are registered with an empty event mask, so a half-close (EPOLLRDHUP,
+    readable EOF) never wakes us; one epoll fd sits in the event loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._loop = loop
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self._epoll.register(fd, 0)
+        self._callbacks[fd] = callback
+
+    def unwatch(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def _ready(self) -> None:
+        for fd, _ in self._epoll.poll(0):
+            callback = self._callbacks.get(fd)
+            self.unwatch(fd)
+            if callback:
+                callback()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+
+
+class Connection:
+    """The request/answer protocol of one accepted connection."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        manager: GenerationManager,
+        options: ServerOptions,
+        watcher: HangupWatcher,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.manager = manager
+        self.options = options
+        self.watcher = watcher
+        self.allow_uids = {os.getuid(), 0, *options.allow_uids}
+
+    async def handle(self) -> None:
+        """Answer the connection once (never leaving the caller without an answer), close it."""
+        try:
+            try:
+                answer = await self._answer()
+            except Exception as error:
+                logger.exception("request failed")
+                answer = wire_error(error)
+            if answer is not None:
+                await self._send(answer)
+        except ConnectionError:
+            logger.info("the client hung up before its answer")
+        finally:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+
+    async def _answer(self) -> dict[str, Any] | None:
+        sock = self.writer.get_extra_info("socket")
+        pid, uid, gid = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+        try:
+            line = await self._read_line()
+            if uid not in self.allow_uids and gid not in self.options.allow_gids:
+                logger.warning("refused a request from pid %d uid %d gid %d", pid, uid, gid)
+                raise protocol.ProtocolError(f"uid {uid} may not use this daemon")
+            request = protocol.parse_request(line)
+        except protocol.ProtocolError as error:
+            logger.info("request rejected: %s", error)
+            return wire_error(error)
+        if isinstance(request, protocol.CommandRequest):
+            return await self._command(request.command)
+        return await self._generate(request, sock.fileno())
+
+    async def _read_line(self) -> bytes:
+        """One line; end-of-input without a newline also ends it (half-closing clients)."""
+        try:
+            return await asyncio.wait_for(self.reader.readuntil(b"\n"), self.options.read_timeout_s)
+        except asyncio.IncompleteReadError as error:
+            return error.partial
+        except asyncio.TimeoutError:
+            raise protocol.ProtocolError("timed out waiting for the request line") from None
+        except asyncio.LimitOverrunError:
+            await self._discard_line()
+            raise protocol.ProtocolError(
+                f"request line is longer than {protocol.MAX_LINE_BYTES} bytes"
+            ) from None
+
+    async def _discard_line(self) -> None:
+        """Swallow the rest of an overlong line so the caller can read our answer."""
+
+        async def discard() -> None:
+            while chunk := await self.reader.read(1 << 16):
+                if b"\n" in chunk:
+                    return
+
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            await asyncio.wait_for(discard(), self.options.read_timeout_s)
+
+    async def _command(self, name: str) -> dict[str, Any]:
+        if name == "ping":
+            return {"ok": True, "message": "pong"}
+        if name == "status":
+            return {"ok": True, **self.manager.status()}
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        try:
+            self.manager.command(name, lambda r: loop.call_soon_threadsafe(settle, done, r))
+            result = await done
+        except Exception as error:
+            logger.info("command %s failed: %s", name, error)
+            return wire_error(error)
+        logger.info("command %s: %s", name, result["message"])
+        return {"ok": True, **result}
+
+    async def _generate(self, request: protocol.GenerateRequest, fd: int) -> dict[str, Any] | None:
+        """Queue the job, forward progress, and turn its outcome into the final answer."""
+        try:
+            handle = self.manager.submit(Job(request.to_params(), output_path(request)))
+        except AceStepError as error:
+            _log_request(request, error)
+            return wire_error(error)
+        events = _Events(handle, asyncio.get_running_loop(), progress=request.progress)
+        self.watcher.watch(fd, events.hangup)
+        try:
+            while (progress := await events.next_progress()) is not None:
+                try:
+                    await self._send(protocol.progress_line(*progress))
+                except ConnectionError:
+                    events.hangup()
+            if events.hung_up:
+                self.manager.cancel(handle, Cancelled("the client hung up"))
+                logger.info("client hung up; request cancelled (%s)", _abbreviate(request.caption))
+                return None
+        finally:
+            self.watcher.unwatch(fd)
+        outcome = events.outcome()
+        _log_request(request, outcome)
+        counts = self.manager.counters
+        sdnotify.notify(
+            f"STATUS={counts.generated} generated, {counts.failed} failed, "
+            f"{self.manager.queue_depth} waiting"
+        )
+        if isinstance(outcome, JobResult):
+            return _success(outcome)
+        return wire_error(outcome)
+
+    async def _send(self, answer: dict[str, Any]) -> None:
+        try:
+            self.writer.write(protocol.encode(answer))
+            await self.writer.drain()
+        except OSError as error:
+            if error.errno not in (errno.EPIPE, errno.ECONNRESET, None):
+                raise
+            raise ConnectionResetError(error.errno, "the client hung up") from None
+
+
+class _Events:
+    """A job's progress, end and the peer's hang-up, as one stream on the event loop."""
+
+    def __init__(
+        self, handle: JobHandle, loop: asyncio.AbstractEventLoop, *, progress: bool
+    ) -> None:
+        self._inbox: asyncio.Queue[tuple[str, int, int] | None] = asyncio.Queue()
+        self._handle = handle
+        self.hung_up = False
+        if progress:
+            handle.on_progress(lambda *p: loop.call_soon_threadsafe(self._inbox.put_nowait, p))
+        handle.result.add_done_callback(
+            lambda _: loop.call_soon_threadsafe(self._inbox.put_nowait, None)
+        )
+
+    def hangup(self) -> None:
+        self.hung_up = True
+        self._inbox.put_nowait(None)
+
+    async def next_progress(self) -> tuple[str, int, int] | None:
+        """The next progress event; None when the job ended or the peer hung up."""
+        if self.hung_up:
+            return None
+        return await self._inbox.get()
+
+    def outcome(self) -> JobResult | BaseException:
+        future: Future[JobResult] = self._handle.result
+        error = future.exception()
+        return error if error is not None else future.result()
+
+
+def _success(result: JobResult) -> dict[str, Any]:
+    run = result.run
+    return protocol.success_answer(
+        path=str(result.path),
+        duration_s=run.audio.duration_s,
+        seed=run.audio.seed,
+        timings=run.audio.timings,
+        device=str(run.device),
+        dtype=str(run.dtype).removeprefix("torch."),
+        fallback=run.fallback,
+        oom_retries=run.oom_retries,
+        vae_chunk_frames=run.vae_chunk_frames,
+    )
+
+
+def settle(future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+def _abbreviate(text: str, limit: int = 40) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _log_request(request: protocol.GenerateRequest, outcome: Any) -> None:
+    """One line per request for the journal: caption, duration, seed, timings, result."""
+    if isinstance(outcome, JobResult):
+        run = outcome.run
+        timings = " ".join(f"{k}={v:.2f}s" for k, v in run.audio.timings.items())
+        extra = f" fallback={run.fallback}" if run.fallback else ""
+        logger.info(
+            "request %s duration=%gs seed=%d %s device=%s%s -> %s",
+            _abbreviate(request.caption),
+            request.duration_s,
+            run.audio.seed,
+            timings,
+            run.device,
+            extra,
+            outcome.path,
+        )
+    else:
+        answer = wire_error(outcome)
+        logger.info(
+            "request %s duration=%gs seed=%s -> %s: %s",
+            _abbreviate(request.caption),
+            request.duration_s,
+            request.seed,
+            answer["code"],
+            answer["error"],
+        )

@@ -1,0 +1,179 @@
+"""The out-of-memory policy: run one job's stages so that running out of memory never loses it.
+
+At home (the device and dtype the pipeline was loaded with): choose the VAE tile
+from free GPU memory, run the three stages, and after running out of memory free
+the cache and retry the failing stage once — the VAE with half the tile each
+time, down to a floor. When that is not enough, run this one request on the CPU
+in float32 and move the pipeline back home afterwards. `run` returns where and
+how the request ran; nothing here knows about queues, sockets or files.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from acestep_daemon.errors import AceStepError
+from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
+from acestep_daemon.params import GenerationParams
+from acestep_daemon.pipeline import Audio, Pipeline, ProgressFn, latent_frames
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+VAE_CHUNK_FLOOR = 64
+"""Halving the VAE tile stops here; the next step is the CPU."""
+
+# Rough GPU memory needs, measured in the order of magnitude only: the DiT's
+# activations grow with the whole latent length, the VAE's with one tile.
+DIFFUSION_BYTES_PER_FRAME = 256 << 10
+VAE_BYTES_PER_CHUNK_FRAME = 4 << 20
+VRAM_HEADROOM_BYTES = 512 << 20
+
+CPU = (torch.device("cpu"), torch.float32)
+"""Where a request goes when the GPU cannot hold it."""
+
+
+class OutOfMemory(AceStepError):
+    """Out of memory even after every fallback (GPU retries and the CPU)."""
+
+
+class FatalWorkerError(AceStepError):
+    """The worker cannot go on (the model cannot be loaded or moved); the process must exit."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """A generated request and how it was made."""
+
+    audio: Audio
+    device: torch.device
+    dtype: torch.dtype
+    fallback: str | None  # "cpu" when this request ran on the CPU to avoid running out of memory
+    oom_retries: int
+    vae_chunk_frames: int
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def move(pipeline: Pipeline, device: torch.device, dtype: torch.dtype) -> None:
+    """Move the weights; running out of memory on the way leaves them on the CPU."""
+    try:
+        pipeline.to(device, dtype)
+    except torch.OutOfMemoryError:
+        free_memory()
+        pipeline.to(*CPU)
+        logger.warning("too little memory to move the pipeline to %s; it stays on the CPU", device)
+    except Exception as error:
+        raise FatalWorkerError(f"could not move the pipeline to {device}: {error}") from error
+
+
+class MemoryPolicy:
+    """Runs one request's stages with retries, smaller VAE tiles and the CPU fallback."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        home: tuple[torch.device, torch.dtype],
+        on_retry: Callable[[], None] = lambda: None,
+        on_fallback: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.home = home
+        self._on_retry = on_retry
+        self._on_fallback = on_fallback
+        self.retries = 0
+        self.chunk = DECODE_CHUNK_FRAMES
+
+    def run(self, params: GenerationParams, progress: ProgressFn) -> Run:
+        """Generate at home if memory allows, else on the CPU; returns where it ran."""
+        pipeline = self.pipeline
+        if (pipeline.device, pipeline.dtype) == self.home and self._fits(params):
+            audio = self._at_home(params, progress)
+            if audio is not None:
+                return self._result(audio, None)
+            free_memory()
+        return self._result(self._on_cpu(params, progress), "cpu")
+
+    def _result(self, audio: Audio, fallback: str | None) -> Run:
+        return Run(
+            audio=audio,
+            device=self.pipeline.device if fallback is None else CPU[0],
+            dtype=self.pipeline.dtype if fallback is None else CPU[1],
+            fallback=fallback,
+            oom_retries=self.retries,
+            vae_chunk_frames=self.chunk,
+        )
+
+    def _fits(self, params: GenerationParams) -> bool:
+        """Choose the VAE tile from free GPU memory; False means: go to the CPU up front."""
+        device = self.pipeline.device
+        if device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(device)
+        frames = latent_frames(params.duration_s)
+        budget = free - VRAM_HEADROOM_BYTES - frames * DIFFUSION_BYTES_PER_FRAME
+        while self.chunk > VAE_CHUNK_FLOOR and self.chunk * VAE_BYTES_PER_CHUNK_FRAME > budget:
+            self.chunk //= 2
+        fits = self.chunk * VAE_BYTES_PER_CHUNK_FRAME <= budget
+        if not fits:
+            logger.warning("%.0f MiB free on %s is too little", free / 2**20, device)
+        return fits
+
+    def _at_home(self, params: GenerationParams, progress: ProgressFn) -> Audio | None:
+        """The three stages with their retries; None when memory ran out anyway.
+
+        Retries start outside the `except` blocks, so that the failed attempt's
+        traceback (and the tensors its frames hold) is gone before trying again.
+        """
+        pipeline = self.pipeline
+        try:
+            cond = self._retry(lambda: pipeline.prepare(params, progress))
+            latents = self._retry(lambda: pipeline.diffuse(cond, progress))
+            while True:
+                try:
+                    return pipeline.decode(cond, latents, progress, vae_chunk_frames=self.chunk)
+                except torch.OutOfMemoryError:
+                    if self.chunk // 2 < VAE_CHUNK_FLOOR:
+                        raise
+                self.chunk //= 2
+                self._count_retry(f"the VAE, retrying with {self.chunk}-frame chunks")
+        except torch.OutOfMemoryError:
+            return None
+
+    def _retry(self, stage: Callable[[], T]) -> T:
+        """Run a stage; after running out of memory, free the cache and try once more."""
+        try:
+            return stage()
+        except torch.OutOfMemoryError:
+            pass
+        self._count_retry("a stage, retrying it once")
+        return stage()
+
+    def _count_retry(self, what: str) -> None:
+        free_memory()
+        self.retries += 1
+        self._on_retry()
+        logger.warning("out of memory in %s", what)
+
+    def _on_cpu(self, params: GenerationParams, progress: ProgressFn) -> Audio:
+        """Run this request on the CPU in float32, then move the pipeline back home."""
+        logger.warning("running this request on the CPU (float32) to avoid running out of memory")
+        self._on_fallback()
+        move(self.pipeline, *CPU)
+        try:
+            return self.pipeline.generate(params, progress=progress, vae_chunk_frames=self.chunk)
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(f"out of memory even on the CPU: {error}") from error
+        finally:
+            move(self.pipeline, *self.home)

@@ -1,0 +1,187 @@
+"""One request shape: what a generation asks for, checked before it is queued.
+
+`GenerationParams` is the single declaration of the request fields. The wire
+model (`protocol.GenerateRequest`) extends it with the answer-side fields,
+the `acestep` command line derives its flags from it (`Flag` metadata), and
+the pipeline reads it. Everything that needs no model is checked here, when
+the request arrives — field ranges, the task's inputs, the repaint range, the
+time signature and key formats, and that input files exist and are readable —
+so a bad request never waits in the queue behind a long job.
+
+Torch-free on purpose: the server and the CLI validate without loading torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing_extensions import Self
+
+from acestep_daemon.constants import MAX_DURATION_S, MIN_DURATION_S
+
+Task = Literal["text2music", "repaint", "cover"]
+TASKS: tuple[str, ...] = get_args(Task)
+
+MAX_SEED = 2**64 - 1
+"""ace-step-rs clients send the seed as a u64."""
+
+KEY_PATTERN = re.compile(r"^[A-G][#b♯♭]? (major|minor)$")
+"""Key/scale as the model was trained on it: note, optional accidental, mode ("F# minor")."""
+
+_TIME_SIGNATURE = re.compile(r"^\s*(\d+)\s*(?:/\s*(\d+)\s*)?$")
+_DENOMINATORS = (1, 2, 4, 8, 16, 32)
+
+
+class Flag:
+    """Command-line spelling of a request field (`acestep generate`, `acestep request`).
+
+    `path`: a relative path on the command line is made absolute before it goes
+    on the wire, since the daemon's working directory is not the caller's.
+    """
+
+    def __init__(self, *names: str, metavar: str | None = None, path: bool = False) -> None:
+        self.names = names
+        self.metavar = metavar
+        self.path = path
+
+
+def time_signature_numerator(time_signature: str) -> int:
+    """The numerator of "N" or "N/D" (D a power of two up to 32); ValueError otherwise."""
+    match = _TIME_SIGNATURE.match(time_signature)
+    if match is None:
+        raise ValueError(f"time_signature {time_signature!r}: expected e.g. '4', '4/4', '6/8'")
+    numerator, denominator = int(match.group(1)), match.group(2)
+    if not 1 <= numerator <= 32:
+        raise ValueError(f"time_signature {time_signature!r}: numerator must be 1..32")
+    if denominator is not None and int(denominator) not in _DENOMINATORS:
+        raise ValueError(f"time_signature {time_signature!r}: denominator must be 1..32, 2^k")
+    return numerator
+
+
+def absolute_path(value: str, name: str) -> str:
+    """Absolute paths only: the daemon's working directory means nothing to a caller."""
+    path = PurePosixPath(value)
+    if "\0" in value or not value.strip():
+        raise ValueError(f"{name} is not a usable path")
+    if not path.is_absolute():
+        raise ValueError(f"{name} must be an absolute path, got {value!r}")
+    if ".." in path.parts:
+        raise ValueError(f"{name} must not contain '..'")
+    return str(path)
+
+
+class StrictModel(BaseModel):
+    """Wire strictness: no coercion, no unknown fields, no NaN/Infinity, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class GenerationParams(StrictModel):
+    """What one generation asks for; the first seven fields are the ace-step-rs protocol."""
+
+    caption: Annotated[str, Flag("-c", "--caption")] = Field(
+        description="style, genre, mood, instruments"
+    )
+    lyrics: Annotated[str, Flag("-l", "--lyrics")] = Field(
+        "", description="lyrics with [verse]/[chorus] tags"
+    )
+    metas: Annotated[str, Flag("--metas")] = Field(
+        "", description="free metadata string, passed to the model verbatim"
+    )
+    language: Annotated[str, Flag("--language")] = Field(
+        "en", description="language code of the lyrics"
+    )
+    duration_s: Annotated[float, Flag("-d", "--duration", metavar="SECONDS")] = Field(
+        30.0, ge=MIN_DURATION_S, le=MAX_DURATION_S, description="length of the output"
+    )
+    shift: Annotated[float, Flag("--shift")] = Field(
+        3.0, gt=0, le=100, description="turbo schedule shift: 1, 2 or 3"
+    )
+    seed: Annotated[int | None, Flag("-s", "--seed")] = Field(
+        None, ge=0, le=MAX_SEED, description="random when omitted"
+    )
+    bpm: Annotated[int | None, Flag("--bpm")] = Field(
+        None, ge=20, le=400, description="tempo in beats per minute"
+    )
+    key: Annotated[str | None, Flag("--key")] = Field(
+        None, description='key and scale, e.g. "C major", "F# minor"'
+    )
+    time_signature: Annotated[str | None, Flag("--time-signature")] = Field(
+        None, description='e.g. "4/4", "3/4", "6/8"'
+    )
+    task: Annotated[Task, Flag("--task")] = Field(
+        "text2music", description="text2music, or repaint/cover of src_audio (CLI: from the inputs)"
+    )
+    reference_audio: Annotated[str | None, Flag("--reference-audio", path=True)] = Field(
+        None, description="timbre reference clip"
+    )
+    src_audio: Annotated[str | None, Flag("--src-audio", path=True)] = Field(
+        None, description="source of repaint and cover"
+    )
+    repaint_start_s: Annotated[float | None, Flag("--repaint-start", metavar="SECONDS")] = Field(
+        None,
+        ge=-MAX_DURATION_S,
+        le=MAX_DURATION_S,
+        description="start of the repainted range; before 0 adds an intro",
+    )
+    repaint_end_s: Annotated[float | None, Flag("--repaint-end", metavar="SECONDS")] = Field(
+        None,
+        ge=-MAX_DURATION_S,
+        le=MAX_DURATION_S,
+        description="end of the repainted range; past the source adds an outro; <0: the end",
+    )
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed, validated like a new request."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+    @field_validator("caption")
+    @classmethod
+    def _caption_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("caption is required and must not be empty")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _key_format(cls, value: str | None) -> str | None:
+        if value is not None and not KEY_PATTERN.match(value):
+            raise ValueError(f'key {value!r}: expected a note and a mode, e.g. "F# minor"')
+        return value
+
+    @field_validator("time_signature")
+    @classmethod
+    def _time_signature_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            time_signature_numerator(value)
+        return value
+
+    @field_validator("reference_audio", "src_audio", mode="before")
+    @classmethod
+    def _input_file(cls, value: Any, info: Any) -> Any:
+        """An absolute path to a readable file (a `pathlib.Path` is taken as its string)."""
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            return value  # the strict type check names the field
+        path = absolute_path(value, info.field_name)
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise ValueError(f"{info.field_name} {path} is not a readable file")
+        return path
+
+    @model_validator(mode="after")
+    def _task_inputs(self) -> GenerationParams:
+        if self.task != "text2music" and self.src_audio is None:
+            raise ValueError(f"task {self.task!r} needs src_audio")
+        if self.task == "text2music" and self.src_audio is not None:
+            raise ValueError("src_audio is only used by the repaint and cover tasks")
+        start, end = self.repaint_start_s, self.repaint_end_s
+        if (start is not None or end is not None) and self.task != "repaint":
+            raise ValueError("repaint_start_s/repaint_end_s are only used by the repaint task")
+        if end is not None and 0 <= end <= (start or 0.0):
+            raise ValueError("repaint_end_s must be after repaint_start_s")
+        return self

@@ -1,0 +1,66 @@
+"""`acestep generate` and `acestep request` take the same flags, derived from the request shape."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from acestep_daemon import cli, client
+from acestep_daemon.params import GenerationParams
+from acestep_daemon.protocol import GenerateRequest
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser()
+    subparsers = root.add_subparsers(dest="subcommand", required=True)
+    cli._add_request(subparsers)
+    cli._add_generate(subparsers)
+    return root
+
+
+def dests(subcommand: str) -> set[str]:
+    sub = parser()._subparsers._group_actions[0].choices[subcommand]  # type: ignore[union-attr]
+    return {action.dest for action in sub._actions}
+
+
+@pytest.mark.parametrize("subcommand", ["generate", "request"])
+def test_every_generation_field_has_a_flag(subcommand: str) -> None:
+    assert set(GenerationParams.model_fields) | {"output"} <= dests(subcommand)
+
+
+def test_request_also_takes_progress() -> None:
+    assert "progress" in dests("request") and "progress" not in dests("generate")
+
+
+def test_caption_is_a_flag_on_both_and_positional_on_request() -> None:
+    flags = ["-d", "2", "-s", "7", "--bpm", "90", "--key", "F# minor"]
+    by_flag = cli.build_request(parser().parse_args(["request", "-c", "lofi", *flags]))
+    positional = cli.build_request(parser().parse_args(["request", "lofi", *flags]))
+    generate = cli.request_fields(parser().parse_args(["generate", "-c", "lofi", *flags]))
+    expected = {"caption": "lofi", "duration_s": 2.0, "seed": 7, "bpm": 90, "key": "F# minor"}
+    assert by_flag == positional == generate == expected
+    GenerateRequest.model_validate(by_flag)
+
+
+def test_caption_given_twice_is_refused() -> None:
+    with pytest.raises(client.ClientError, match="once") as refused:
+        cli.build_request(parser().parse_args(["request", "a", "-c", "b"]))
+    assert refused.value.status == client.EXIT_USAGE
+
+
+def test_relative_paths_go_on_the_wire_absolute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = parser().parse_args(["generate", "-c", "x", "-o", "out.ogg", "--src-audio", "in.wav"])
+    fields = cli.request_fields(args)
+    assert fields["output"] == str(tmp_path / "out.ogg")
+    assert fields["src_audio"] == str(tmp_path / "in.wav")
+    assert fields["task"] == "cover"  # a source without a range
+
+
+def test_task_follows_the_inputs_unless_given() -> None:
+    repaint = ["request", "x", "--src-audio", "/a.wav", "--repaint-start", "1"]
+    assert cli.build_request(parser().parse_args(repaint))["task"] == "repaint"
+    explicit = ["request", "x", "--src-audio", "/a.wav", "--task", "cover", "--repaint-end", "3"]
+    assert cli.build_request(parser().parse_args(explicit))["task"] == "cover"

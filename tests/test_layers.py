@@ -1,0 +1,106 @@
+"""The import graph points one way: cli → server → connection → manager → pipeline → model.
+
+Each module has a layer; it may import only modules of its own or lower layers.
+The request shape and the wire contract stay torch-free, so that the command
+line starts fast and validates without loading a model.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "acestep_daemon"
+
+LAYERS = {
+    "__init__": 0,
+    "constants": 0,
+    "errors": 0,
+    "params": 0,
+    "options": 0,
+    "paths": 0,
+    "sdnotify": 0,
+    "units": 0,
+    "protocol": 1,
+    "model": 1,
+    "audio": 2,
+    "text": 2,
+    "checkpoint": 2,
+    "tiny": 3,
+    "pipeline": 4,
+    "memory": 5,
+    "faults": 5,
+    "manager": 6,
+    "connection": 7,
+    "server": 8,
+    "cli": 9,
+    "__main__": 10,
+}
+
+
+def _unit(path: Path) -> str:
+    """The layer name of a module file: its top-level module or sub-package."""
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level acestep_daemon units a module imports (at any depth of its code)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            if node.level == 1 and path.parent != PACKAGE:
+                continue  # a relative import inside a sub-package
+            names = [node.module] if node.module else [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if not node.module.startswith("acestep_daemon"):
+                continue
+            rest = node.module.removeprefix("acestep_daemon").lstrip(".")
+            names = [rest] if rest else [a.name for a in node.names]
+        else:
+            continue
+        found.update(name.split(".")[0] for name in names if name)
+    return {name if name in LAYERS else "__init__" for name in found}  # e.g. __version__
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    assert {_unit(p) for p in MODULES} == set(LAYERS)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_down(path: Path):
+    unit = _unit(path)
+    upward = {name for name in _imports(path) if LAYERS[name] > LAYERS[unit]}
+    assert not upward, f"{unit} (layer {LAYERS[unit]}) imports {upward}"
+
+
+def test_command_line_and_request_shape_do_not_load_torch():
+    code = (
+        "import sys; import acestep_daemon.cli, acestep_daemon.params, acestep_daemon.protocol; "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_generate_does_not_import_the_server():
+    cli = ast.parse((PACKAGE / "cli.py").read_text())
+    generate = next(
+        n for n in ast.walk(cli) if isinstance(n, ast.FunctionDef) and n.name == "cmd_generate"
+    )
+    imported = {
+        node.module or "" for node in ast.walk(generate) if isinstance(node, ast.ImportFrom)
+    } | {
+        alias.name
+        for node in ast.walk(generate)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert not imported & {"server", "connection", "manager", "acestep_daemon.server"}

@@ -1,0 +1,132 @@
+"""The DiT's fast paths (reused step constants, mask-free attention) change no result."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from model_fixtures import TINY, load_tiny_model, relative_error
+from safetensors.torch import load_file
+
+from acestep_daemon.model import AceStepModel, RepaintInputs, sample_turbo
+from acestep_daemon.model.dit import DiT
+
+CONDITION = ("text_hidden", "text_mask", "lyric_hidden", "lyric_mask", "refer_latents")
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, torch.Tensor]:
+    return load_file(TINY / "cases.safetensors")
+
+
+def set_fast_paths(model: AceStepModel, enabled: bool) -> AceStepModel:
+    model.decoder.reuse_step_constants = enabled
+    model.decoder.mask_free_attention = enabled
+    return model
+
+
+@torch.no_grad()
+def generate(
+    model: AceStepModel, cases: dict, dtype: torch.dtype, repaint: bool = False
+) -> torch.Tensor:
+    model = model.to(dtype)
+    inputs = [cases[f"condition.{n}"] for n in CONDITION]
+    inputs = [t if "mask" in n else t.to(dtype) for n, t in zip(CONDITION, inputs, strict=True)]
+    hidden, _ = model.encode_condition(*inputs, cases["condition.refer_order"])
+    if repaint:
+        mask = cases["repaint.mask"]
+        context = model.build_context(cases["repaint.src"].to(dtype), mask.to(dtype))
+        inputs = RepaintInputs(mask=mask, clean_latents=cases["repaint.clean"].to(dtype))
+        return sample_turbo(
+            model, cases["generate.noise"].to(dtype), hidden, context, 3.0, repaint=inputs
+        )
+    source = cases["generate.silence_latent"][:, :17].repeat(2, 1, 1).to(dtype)
+    context = model.build_context(source, torch.ones(2, 17, dtype=dtype))
+    return sample_turbo(model, cases["generate.noise"].to(dtype), hidden, context, 3.0)
+
+
+@pytest.mark.parametrize("repaint", [False, True], ids=["text2music", "repaint"])
+@pytest.mark.parametrize("window", [4, 64], ids=["banded", "window-covers"])
+def test_fp32_generation_is_bit_identical_with_and_without_fast_paths(
+    cases: dict, repaint: bool, window: int
+) -> None:
+    """On the CPU the same attention kernel runs with a zero mask and with none, and the
+    reused keys/values are the very tensors each step would recompute: nothing changes."""
+    slow = generate(
+        set_fast_paths(load_tiny_model(sliding_window=window), False), cases, torch.float32, repaint
+    )
+    fast = generate(
+        set_fast_paths(load_tiny_model(sliding_window=window), True), cases, torch.float32, repaint
+    )
+    assert torch.equal(fast, slow)
+
+
+def test_bf16_generation_with_fast_paths_stays_within_the_bf16_budget(cases: dict) -> None:
+    slow = generate(set_fast_paths(load_tiny_model(), False), cases, torch.bfloat16)
+    fast = generate(set_fast_paths(load_tiny_model(), True), cases, torch.bfloat16)
+    # A small part of the bf16 error budget of tests/test_model_sampler.py (6.9 %).
+    assert relative_error(fast, slow) <= 1e-2
+
+
+class CountingDiT:
+    """Counts condition-embedder calls of a real DiT."""
+
+    def __init__(self, dit: DiT) -> None:
+        self.calls = 0
+        embedder = dit.condition_embedder
+        original = embedder.forward
+
+        def counted(x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return original(x)
+
+        embedder.forward = counted
+
+
+@torch.no_grad()
+def test_condition_keys_and_values_are_computed_once_per_sampling_run(cases: dict) -> None:
+    model = load_tiny_model()
+    counter = CountingDiT(model.decoder)
+    generate(model, cases, torch.float32)
+    assert counter.calls == 1
+    model.decoder.reuse_step_constants = False
+    generate(model, cases, torch.float32)
+    assert counter.calls == 1 + 8
+
+
+@torch.no_grad()
+def test_step_constants_follow_the_tensor_its_contents_and_the_weights(cases: dict) -> None:
+    model = load_tiny_model()
+    dit, counter = model.decoder, CountingDiT(model.decoder)
+    names = ("x", "timestep", "timestep_r", "encoder_hidden", "context")
+    x, t, r, hidden, context = (cases[f"dit_t21.{n}"].clone() for n in names)
+    first = dit(x, t, r, hidden, context)
+    assert torch.equal(dit(x, t, r, hidden, context), first)
+    assert counter.calls == 1
+    hidden.mul_(2)  # changed in place: recomputed
+    changed = dit(x, t, r, hidden, context)
+    assert counter.calls == 2
+    assert not torch.equal(changed, first)
+    dit(x, t, r, hidden.clone(), context)  # another tensor: recomputed
+    assert counter.calls == 3
+    dit.layers[0].cross_attn.v_proj.weight.mul_(0.5)  # weights changed: recomputed
+    assert not torch.equal(dit(x, t, r, hidden, context), changed)
+    assert counter.calls == 4
+    del hidden
+    gc.collect()
+    assert len(dit._cache) == 0  # entries go with their tensors
+
+
+def test_mask_free_attention_builds_no_dense_mask_where_every_key_is_attended() -> None:
+    model = load_tiny_model()  # sliding window 4
+    hidden = torch.zeros(1, 3, 64)
+    short = model.decoder.step_constants(hidden, 5, torch.float32)
+    assert short.full_mask is short.sliding_mask is short.cross_mask is None
+    long = model.decoder.step_constants(hidden, 6, torch.float32)
+    assert long.full_mask is None and long.cross_mask is None
+    assert long.sliding_mask is not None and long.sliding_mask.shape == (1, 1, 6, 6)
+    model.decoder.mask_free_attention = False
+    dense = model.decoder.step_constants(hidden, 5, torch.float32)
+    assert dense.full_mask.shape == dense.sliding_mask.shape == (1, 1, 5, 5)
+    assert dense.cross_mask.shape == (1, 1, 5, 3)
