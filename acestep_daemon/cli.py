@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import NoneType
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
@@ -424,14 +425,17 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Validate like the daemon, generate, write atomically, print one JSON line."""
+    """Validate like the daemon, generate, write atomically, print the daemon's answer line."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     from pydantic import ValidationError
 
-    from acestep_daemon import protocol
+    from acestep_daemon import connection, protocol
     from acestep_daemon.audio import write_audio
     from acestep_daemon.checkpoint import resolve_checkpoint
     from acestep_daemon.errors import AceStepError
+    from acestep_daemon.manager import JobResult
+    from acestep_daemon.memory import Run
+    from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
     from acestep_daemon.pipeline import Pipeline
 
     for flag, value in (("--caption", args.caption), ("--output", args.output)):
@@ -442,24 +446,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request = protocol.GenerateRequest.model_validate(request_fields(args))
         output = Path(request.output)
         output.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         checkpoint = resolve_checkpoint(args.model_dir)
         pipeline = Pipeline.load(checkpoint, device=args.device, dtype=_torch_dtype(args.dtype))
+        loaded = time.perf_counter()
         with _TerminalProgress() as progress:
             audio = pipeline.generate(request.to_params(), progress=progress)
+        writing = time.perf_counter()
         write_audio(output, audio.samples, audio.sample_rate, float_wav=args.float_wav)
+        done = time.perf_counter()
     except ValidationError as error:
         print(f"acestep generate: {protocol.describe(error)}", file=sys.stderr)
         return 2
     except (AceStepError, OSError) as error:
         print(f"acestep generate: {error}", file=sys.stderr)
         return 1
-    answer = protocol.success_answer(
-        path=str(output),
-        duration_s=audio.duration_s,
-        seed=audio.seed,
-        timings=audio.timings,
-        device=str(pipeline.device),
+    run = Run(
+        audio=audio,
+        device=pipeline.device,
+        dtype=pipeline.dtype,
+        fallback=None,
+        oom_retries=0,
+        vae_chunk_frames=DECODE_CHUNK_FRAMES,
     )
+    timings = {
+        "load": loaded - started,
+        **audio.timings,
+        "write": done - writing,
+        "total": done - started,
+    }
+    answer = connection.success(JobResult(path=output, run=run, timings=timings))
     sys.stdout.write(protocol.encode(answer).decode())
     return 0
 
@@ -485,7 +501,7 @@ class _TerminalProgress:
             if self._bar is not None:
                 self._bar.close()
             self._bar = tqdm(total=of, desc=stage, unit="step", file=sys.stderr)
-        self._bar.update(step + 1 - self._bar.n)
+        self._bar.update(step - self._bar.n)
 
 
 def _add_make_tiny_checkpoint(subparsers: argparse._SubParsersAction) -> None:

@@ -184,4 +184,10 @@ class GenerationParams(StrictModel):
             raise ValueError("repaint_start_s/repaint_end_s are only used by the repaint task")
         if end is not None and 0 <= end <= (start or 0.0):
             raise ValueError("repaint_end_s must be after repaint_start_s")
+        structured = [name for name in ("bpm", "key", "time_signature") if getattr(self, name)]
+        if structured and self.metas.strip():
+            raise ValueError(
+                f"metas cannot be combined with {', '.join(structured)}: the model reads one "
+                "metas block, so give either the free metas string or the structured fields"
+            )
         return self

@@ -50,6 +50,21 @@ def send(path: Path, data: bytes, *, timeout: float = 120.0) -> list[bytes]:
     return b"".join(chunks).splitlines(keepends=True)
 
 
+def wait_running(sock: socket.socket) -> None:
+    """Read a progress client's lines up to the first one of a running stage (not "queued").
+
+    Reads byte by byte, so that the rest of the answer stays in the socket.
+    """
+    while True:
+        line = b""
+        while not line.endswith(b"\n"):
+            byte = sock.recv(1)
+            assert byte, f"the daemon closed the connection after {line!r}"
+            line += byte
+        if json.loads(line).get("progress", {}).get("stage") != "queued":
+            return
+
+
 def ask(path: Path, request: dict[str, Any], *, timeout: float = 120.0) -> list[dict[str, Any]]:
     """One request object → the answer lines, parsed."""
     lines = send(path, json.dumps(request).encode() + b"\n", timeout=timeout)

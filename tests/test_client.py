@@ -50,11 +50,13 @@ def start_client(*args: str) -> subprocess.Popen[str]:
 
 
 def wait_for_progress(proc: subprocess.Popen[str]) -> dict:
-    """The first progress line the client printed on stderr: the job is running."""
+    """The first progress line of a running stage the client printed on stderr."""
     assert proc.stderr is not None
-    line = proc.stderr.readline()
-    assert line, proc.communicate()
-    return json.loads(line)["progress"]
+    while line := proc.stderr.readline():
+        progress = json.loads(line)["progress"]
+        if progress["stage"] != "queued":
+            return progress
+    raise AssertionError(proc.communicate())
 
 
 def wait_until(predicate, timeout: float = 60.0) -> None:
