@@ -49,6 +49,16 @@ def test_missing_model_dir_file_is_named(tmp_path: Path):
     assert f"model directory {tmp_path / 'nowhere'} does not exist" in result.stderr
 
 
+def test_unreadable_weights_are_one_line_without_a_traceback(tmp_path: Path, tiny_checkpoint):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "acestep-v15-turbo" / "model.safetensors").write_bytes(b"not safetensors")
+    result = serve(tmp_path, "--model-dir", str(broken))
+    assert result.returncode == 1
+    assert "could not load the pipeline" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_cuda_without_cuda_says_so(tmp_path: Path):
     result = serve(tmp_path, "--model", "tiny", "--device", "cuda")
