@@ -76,7 +76,7 @@ class JobHandle:
 
     job: Job
     position: int = 0
-    """Jobs ahead of this one when it was queued, the running one included (0: next)."""
+    """Jobs ahead of this one when it was queued, the running one included (0: starts now)."""
     result: Future[JobResult] = field(default_factory=Future)
     cancel_reason: AceStepError | None = None
     _listeners: list[Progress] = field(default_factory=list)
