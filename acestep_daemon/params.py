@@ -90,7 +90,7 @@ class GenerationParams(StrictModel):
         "", description="lyrics with [verse]/[chorus] tags"
     )
     metas: Annotated[str, Flag("--metas")] = Field(
-        "", description="free metadata string, passed to the model verbatim"
+        "", description="free metadata string, passed verbatim (not with bpm, key, time_signature)"
     )
     language: Annotated[str, Flag("--language")] = Field(
         "en", description="language code of the lyrics"
