@@ -97,7 +97,7 @@ def how_to_get_weights() -> str:
         "Get the weights in one of these ways:\n"
         f"  - run once with network access: the three needed folders of {HF_REPO_ID} "
         "are downloaded into the Hugging Face cache;\n"
-        f"  - download them yourself: huggingface-cli download {HF_REPO_ID} --include {include};\n"
+        f"  - download them yourself: hf download {HF_REPO_ID} --include {include};\n"
         f"  - or point --model-dir (or {MODEL_DIR_ENV}) at a folder holding "
         f"{', '.join(f'{f}/' for f in REQUIRED_FILES)}."
     )

@@ -58,10 +58,16 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    """A written file and how it was made."""
+    """A written file and how it was made.
+
+    `timings` are the run's stages (text, diffusion, vae) plus `write` (encoding
+    the file), `load` when this job had to load the pipeline, and `total`: the
+    job's whole time in the worker, from leaving the queue to the written file.
+    """
 
     path: Path
     run: Run
+    timings: dict[str, float]
 
 
 @dataclass(eq=False)
@@ -69,6 +75,8 @@ class JobHandle:
     """A submitted job: its result future, its progress listeners and its cancellation."""
 
     job: Job
+    position: int = 0
+    """Jobs ahead of this one when it was queued, the running one included (0: starts now)."""
     result: Future[JobResult] = field(default_factory=Future)
     cancel_reason: AceStepError | None = None
     _listeners: list[Progress] = field(default_factory=list)
@@ -162,6 +170,7 @@ class GenerationManager:
                 raise ShuttingDown("the daemon is shutting down")
             if len(self._jobs) >= self.queue_limit:
                 raise QueueFull(len(self._jobs), self.queue_limit)
+            handle.position = len(self._jobs) + (self._running is not None)
             self._jobs.append(handle)
             self._cond.notify()
         return handle
@@ -329,12 +338,14 @@ class GenerationManager:
 
     def _serve(self, handle: JobHandle) -> None:
         """Run one job and answer it; only a FatalWorkerError escapes."""
-        started = time.monotonic()
+        started = time.perf_counter()
         job = handle.job
         try:
             if handle.cancel_reason is not None:
                 raise handle.cancel_reason
+            loading = self._pipeline is None
             pipeline = self._ensure_loaded()
+            loaded = time.perf_counter()
             assert self._home is not None
             run = MemoryPolicy(
                 pipeline,
@@ -343,7 +354,15 @@ class GenerationManager:
                 on_fallback=self._count_fallback,
             ).run(job.params, handle._progress)
             job.output.parent.mkdir(parents=True, exist_ok=True)
+            writing = time.perf_counter()
             path = write_audio(job.output, run.audio.samples, run.audio.sample_rate)
+            done = time.perf_counter()
+            timings = {
+                **({"load": loaded - started} if loading else {}),
+                **run.audio.timings,
+                "write": done - writing,
+                "total": done - started,
+            }
         except FatalWorkerError as error:
             self.counters.failed += 1
             handle._finish(error)
@@ -356,8 +375,7 @@ class GenerationManager:
             handle._finish(error)
         else:
             self.counters.generated += 1
-            logger.debug("job done in %.2f s", time.monotonic() - started)
-            handle._finish(JobResult(path=Path(path), run=run))
+            handle._finish(JobResult(path=Path(path), run=run, timings=timings))
 
     def _count_retry(self) -> None:
         self.counters.oom_retries += 1

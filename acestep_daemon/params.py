@@ -96,7 +96,7 @@ class GenerationParams(StrictModel):
         "", description="lyrics with [verse]/[chorus] tags"
     )
     metas: Annotated[str, Flag("--metas")] = Field(
-        "", description="free metadata string, passed to the model verbatim"
+        "", description="free metadata string, passed verbatim (not with bpm, key, time_signature)"
     )
     language: Annotated[str, Flag("--language")] = Field(
         "en", description="language code of the lyrics"
@@ -198,4 +198,10 @@ class GenerationParams(StrictModel):
             raise ValueError("repaint_end_s must be after repaint_start_s")
         if self.thinking != "off" and self.task != "text2music":
             raise ValueError("thinking plans text2music songs; repaint and cover keep their source")
+        structured = [name for name in ("bpm", "key", "time_signature") if getattr(self, name)]
+        if structured and self.metas.strip():
+            raise ValueError(
+                f"metas cannot be combined with {', '.join(structured)}: the model reads one "
+                "metas block, so give either the free metas string or the structured fields"
+            )
         return self

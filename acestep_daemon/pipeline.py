@@ -42,14 +42,16 @@ from acestep_daemon.constants import (
 )
 from acestep_daemon.errors import GenerationFailed, InvalidRequest
 from acestep_daemon.model import AceStepModel
-from acestep_daemon.model.sampler import RepaintInputs, draw_noise, sample_turbo
+from acestep_daemon.model.sampler import RepaintInputs, draw_noise, sample_turbo, snap_shift
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES, OobleckVAE
 from acestep_daemon.params import GenerationParams, time_signature_numerator
 from acestep_daemon.planner import LMRunner, PlanRequest, make_plan
 from acestep_daemon.planner.hints import codes_to_hints
 from acestep_daemon.planner.plan import PhaseProgress
 from acestep_daemon.text import (
+    CAPTION_MAX_TOKENS,
     INSTRUCTIONS,
+    LYRICS_MAX_TOKENS,
     TextEncoder,
     caption_prompt,
     lyrics_prompt,
@@ -59,7 +61,8 @@ from acestep_daemon.text import (
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
-"""(stage, step, of): called before each unit of work; may raise to cancel."""
+"""(stage, step, of): `step` units of `of` are done; called before each unit and once
+more when the stage is complete (step == of). It may raise to cancel."""
 
 REFERENCE_FRAMES = 750
 """Timbre reference length in latent frames (30 s), as upstream."""
@@ -91,6 +94,8 @@ class Audio:
     duration_s: float
     timings: dict[str, float]
     thinking: dict[str, Any] | None = None  # what the planner did (mode, inferred, codes)
+    notes: list[str] = field(default_factory=list)
+    """What the request asked for that was changed or cut, in words (shift snapped, text cut)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class Conditioning:
     repaint: RepaintInputs | None = None
     timings: dict[str, float] = field(default_factory=dict)
     planned: Planned | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def frames(self) -> int:
@@ -376,12 +382,11 @@ class Pipeline:
             key=params.key,
             duration_s=duration_s,
         )
-        text_hidden, text_mask = self.text.encode_caption(
-            [caption_prompt(params.caption, metas, INSTRUCTIONS[params.task])]
-        )
-        lyric_hidden, lyric_mask = self.text.embed_lyrics(
-            [lyrics_prompt(params.lyrics, params.language)]
-        )
+        caption_text = caption_prompt(params.caption, metas, INSTRUCTIONS[params.task])
+        lyrics_text = lyrics_prompt(params.lyrics, params.language)
+        notes = self._notes(params, caption_text, lyrics_text)
+        text_hidden, text_mask = self.text.encode_caption([caption_text])
+        lyric_hidden, lyric_mask = self.text.embed_lyrics([lyrics_text])
         reference = self._reference_latents(params.reference_audio, seed)
         encoder_hidden, _ = self.model.encode_condition(
             text_hidden.to(self.dtype),
@@ -397,6 +402,8 @@ class Pipeline:
         timings = {"text": time.perf_counter() - start}
         if planned is not None:
             timings = {"plan": planned.seconds, **timings}
+        if progress:
+            progress("text", 1, 1)
         return Conditioning(
             params=params,
             seed=seed,
@@ -407,7 +414,29 @@ class Pipeline:
             repaint=repaint,
             timings=timings,
             planned=planned,
+            notes=notes,
         )
+
+    def _notes(self, params: GenerationParams, caption_text: str, lyrics_text: str) -> list[str]:
+        """What of the request the model will not see as asked: a snapped shift, cut prompts."""
+        notes = []
+        shift = snap_shift(params.shift)
+        if shift != params.shift:
+            notes.append(
+                f"shift {params.shift:g} was snapped to {shift:g} "
+                "(the turbo schedule has shifts 1, 2 and 3)"
+            )
+        for name, text, limit in (
+            ("caption", caption_text, CAPTION_MAX_TOKENS),
+            ("lyrics", lyrics_text, LYRICS_MAX_TOKENS),
+        ):
+            tokens = self.text.count_tokens(text)
+            if tokens > limit:
+                notes.append(
+                    f"{name} truncated to {limit} tokens: the {name} prompt has {tokens}, "
+                    "the rest was not used"
+                )
+        return notes
 
     @staticmethod
     def _read_source(path: Path, field: str) -> torch.Tensor:
@@ -474,7 +503,11 @@ class Pipeline:
         """Run the 8-step turbo sampler; returns latents [1, T, 64] ("diffusion" stage)."""
         start = time.perf_counter()
 
+        steps = 0
+
         def on_step(step: int, total: int) -> None:
+            nonlocal steps
+            steps = total
             if progress:
                 progress("diffusion", step, total)
 
@@ -488,6 +521,8 @@ class Pipeline:
             on_step=on_step,
         )
         _synchronize(self.device)
+        if progress:
+            progress("diffusion", steps, steps)
         cond.timings["diffusion"] = time.perf_counter() - start
         return latents
 
@@ -506,7 +541,11 @@ class Pipeline:
         start = time.perf_counter()
         latents = latents.transpose(1, 2).to(self.device, self.dtype)  # [1, 64, T]
 
+        chunks = 0
+
         def on_chunk(index: int, total: int) -> None:
+            nonlocal chunks
+            chunks = total
             if progress:
                 progress("vae", index, total)
 
@@ -524,6 +563,8 @@ class Pipeline:
         if peak > 1.0:
             waveform = waveform / peak
         samples = min(waveform.shape[1], round(cond.duration_s * SAMPLE_RATE))
+        if progress:
+            progress("vae", chunks, chunks)
         cond.timings["vae"] = time.perf_counter() - start
         return Audio(
             samples=waveform[:, :samples].contiguous(),
@@ -532,4 +573,5 @@ class Pipeline:
             duration_s=samples / SAMPLE_RATE,
             timings=dict(cond.timings),
             thinking=None if cond.planned is None else cond.planned.report(),
+            notes=list(cond.notes),
         )
