@@ -8,9 +8,11 @@ so a reader never sees a partial file and a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 from scipy.signal import resample_poly
 
 from acestep_daemon.constants import OUTPUT_EXTENSIONS, SAMPLE_RATE
-from acestep_daemon.errors import InvalidRequest
+from acestep_daemon.errors import InvalidRequest, OutputError
 
 _FORMATS: dict[str, tuple[str, str]] = {
     ".wav": ("WAV", "PCM_16"),
@@ -37,6 +39,11 @@ OPUS_SAMPLE_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)
 _BLOCK_SECONDS = 1
 """Encode in blocks of this length: libsndfile 1.2.2 crashes on one large Vorbis write."""
 
+_SFE_SYSTEM = 2
+"""libsndfile's "System error": a failed write(2), whose errno libsndfile does not keep."""
+_FULL_BYTES = 1 << 20
+"""A folder with less free space than this, right after a failed write, is taken as full."""
+
 
 def write_audio(
     path: Path,
@@ -52,7 +59,8 @@ def write_audio(
     8/12/16/24/48 kHz) and ``.mp3`` (MPEG layer III). Samples are clipped to [-1, 1]
     except for float WAV. Raises :class:`InvalidRequest` for an unknown extension, an
     unsupported Opus rate or a folder that cannot be written, before anything is written;
-    any other failure removes the temporary file and is re-raised. Returns ``path``.
+    :class:`OutputError` naming ``path`` when writing fails (a full disk, an I/O error);
+    any other failure is re-raised. The temporary file never stays. Returns ``path``.
     """
     path = Path(path)
     extension = path.suffix.lower()
@@ -88,11 +96,24 @@ def write_audio(
                 output.write(frames[start : start + block])
         _fsync(temporary)
         os.replace(temporary, path)
+    except (OSError, sf.LibsndfileError) as error:
+        reason = _write_failure(error, path.parent)  # before the temporary file frees space
+        temporary.unlink(missing_ok=True)
+        raise OutputError(f"could not write {path}: {reason}") from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     _fsync(path.parent)
     return path
+
+
+def _write_failure(error: OSError | sf.LibsndfileError, folder: Path) -> str:
+    """Why a write failed, in words; libsndfile's bare "System error" on a full disk included."""
+    if isinstance(error, OSError):
+        return os.strerror(error.errno) if error.errno else str(error)
+    if error.code == _SFE_SYSTEM and shutil.disk_usage(folder).free < _FULL_BYTES:
+        return os.strerror(errno.ENOSPC)
+    return str(error)
 
 
 def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:

@@ -2,18 +2,19 @@
 
 A checkpoint is a folder in the layout of the Hugging Face repo
 `ACE-Step/Ace-Step1.5`, of which three sub-folders are used: a DiT, the VAE and
-the Qwen3-Embedding text encoder (the 5 Hz LM is never downloaded). The 2 B
-turbo DiT is a sub-folder of that repo; every other DiT of the family
-(`family.MODELS`) is a repo of its own, whose files form the DiT folder, and
-lives in an explicit checkpoint folder as `<root>/acestep-v15-<name>/` (the
-layout upstream's downloader writes). An explicit folder (`--model-dir` or
-`ACESTEP_MODEL_DIR`) wins; otherwise the Hugging Face cache is tried first and
-only what is missing is downloaded. Every needed file is checked before
-anything loads.
+the Qwen3-Embedding text encoder. The 2 B turbo DiT is a sub-folder of that
+repo; every other DiT of the family (`family.MODELS`) is a repo of its own,
+whose files form the DiT folder, and lives in an explicit checkpoint folder as
+`<root>/acestep-v15-<name>/` (the layout upstream's downloader writes). The
+optional 5 Hz LM planner is found on its own (`resolve_lm`): only the chosen LM
+folder is fetched. An explicit folder (`--model-dir` or `ACESTEP_MODEL_DIR`)
+wins; otherwise the Hugging Face cache is tried first and only what is missing
+is downloaded. Every needed file is checked before anything loads.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def how_to_get_weights() -> str:
         "Get the weights in one of these ways:\n"
         f"  - run once with network access: the three needed folders of {HF_REPO_ID} "
         "are downloaded into the Hugging Face cache;\n"
-        f"  - download them yourself: huggingface-cli download {HF_REPO_ID} --include {include};\n"
+        f"  - download them yourself: hf download {HF_REPO_ID} --include {include};\n"
         f"  - or point --model-dir (or {MODEL_DIR_ENV}) at a folder holding "
         f"{', '.join(f'{f}/' for f in REQUIRED_FILES)}."
     )
@@ -208,3 +209,98 @@ def _hub_offline() -> bool:
     """HF_HUB_OFFLINE as set now (the library reads it only once, at import)."""
     value = os.environ.get("HF_HUB_OFFLINE", "").upper()
     return value in _OFFLINE_VALUES or bool(hf_constants.HF_HUB_OFFLINE)
+
+
+LM_SIZES = ("0.6B", "1.7B", "4B")
+DEFAULT_LM = "1.7B"
+"""The LM the official API defaults to; it ships inside the main repo."""
+LM_TOKENIZER_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+)
+"""Files the LM loader reads besides the weights (one file or an index with its shards)."""
+
+
+def lm_folder_name(size: str) -> str:
+    """`acestep-5Hz-lm-<size>`: the folder name in the repo and in a --model-dir."""
+    return f"acestep-5Hz-lm-{size}"
+
+
+def lm_source(size: str) -> tuple[str, str | None]:
+    """(Hub repo, sub-folder): the 1.7B LM ships inside the main repo, the others alone."""
+    if size == "1.7B":
+        return HF_REPO_ID, lm_folder_name(size)
+    return f"ACE-Step/{lm_folder_name(size)}", None
+
+
+def missing_lm_files(folder: Path) -> list[str]:
+    """Required LM files (relative to folder) that are absent or empty."""
+
+    def present(name: str) -> bool:
+        path = folder / name
+        return path.is_file() and path.stat().st_size > 0
+
+    missing = [name for name in LM_TOKENIZER_FILES if not present(name)]
+    index = folder / "model.safetensors.index.json"
+    if present("model.safetensors.index.json"):
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing += [name for name in shards if not present(name)]
+    elif not present("model.safetensors"):
+        missing.append("model.safetensors")
+    return missing
+
+
+def resolve_lm(size: str, model_dir: Path | None, *, download: bool = True) -> Path:
+    """The verified folder of the 5 Hz LM of `size` (0.6B, 1.7B or 4B).
+
+    With a model directory (argument or ACESTEP_MODEL_DIR) the LM is its
+    `acestep-5Hz-lm-<size>/` folder. Otherwise the Hugging Face cache copy is used
+    when complete, else only that folder is downloaded (unless `download` is False
+    or the Hub is offline). Raises CheckpointError saying how to get it.
+    """
+    if size not in LM_SIZES:
+        raise CheckpointError(f"unknown LM size {size!r}; choose one of {', '.join(LM_SIZES)}")
+    name = lm_folder_name(size)
+    repo, sub = lm_source(size)
+    include = f" --include '{sub}/*'" if sub else ""
+    how = (
+        f"Get the {name} planner weights: run once with network access, or "
+        f"huggingface-cli download {repo}{include}, or put the folder {name}/ under "
+        f"--model-dir (or {MODEL_DIR_ENV}); or run without the planner (--lm none)."
+    )
+    if model_dir is None and os.environ.get(MODEL_DIR_ENV):
+        model_dir = Path(os.environ[MODEL_DIR_ENV])
+    if model_dir is not None:
+        return _verified_lm(Path(model_dir).expanduser() / name, how)
+    patterns = [f"{sub}/*"] if sub else None
+    try:
+        root = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+    except (OSError, ValueError):
+        root = None
+    if root is not None and not missing_lm_files(root / (sub or "")):
+        return root / (sub or "")
+    if not download or _hub_offline():
+        reason = "downloads are disabled" if not download else "HF_HUB_OFFLINE is set"
+        raise CheckpointError(
+            f"no complete copy of {name} in the Hugging Face cache and {reason}.\n{how}"
+        )
+    log.info("downloading %s (%s) into the Hugging Face cache", repo, patterns or "all files")
+    try:
+        root = Path(snapshot_download(repo, allow_patterns=patterns, tqdm_class=tqdm))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"could not download {name} from {repo}: {exc}\n{how}") from exc
+    return _verified_lm(root / (sub or ""), how)
+
+
+def _verified_lm(folder: Path, how: str) -> Path:
+    if not folder.is_dir():
+        raise CheckpointError(f"no LM folder {folder}.\n{how}")
+    missing = missing_lm_files(folder)
+    if missing:
+        raise CheckpointError(
+            f"incomplete LM folder {folder}: missing {', '.join(missing)}.\n{how}"
+        )
+    return folder

@@ -10,14 +10,13 @@ acestep make-tiny-checkpoint  write a tiny random checkpoint in the real layout
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import NoneType
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
@@ -26,7 +25,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 from tqdm import tqdm
 
-from acestep_daemon import paths, units
+from acestep_daemon import client, paths, units
+from acestep_daemon.checkpoint import DEFAULT_LM, LM_SIZES
 from acestep_daemon.family import DEFAULT_MODEL, MODELS
 from acestep_daemon.options import ServerOptions
 from acestep_daemon.params import Flag
@@ -54,6 +54,13 @@ def _socket_mode(text: str) -> int:
     return mode
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the daemon")
     defaults = ServerOptions(socket_path=paths.default_socket_path())
@@ -69,32 +76,118 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    _add_lm(p)
     p.add_argument(
         "--queue-limit",
-        type=int,
+        type=_count,
         default=defaults.queue_limit,
         help="waiting requests before 'busy' (%(default)s)",
     )
-    p.add_argument("--idle-unload", type=float, default=defaults.idle_unload_s, metavar="SECONDS")
+    p.add_argument(
+        "--idle-unload",
+        type=client.positive_seconds,
+        default=defaults.idle_unload_s,
+        metavar="SECONDS",
+    )
     p.add_argument(
         "--socket-mode", type=_socket_mode, default=defaults.socket_mode, metavar="OCTAL"
     )
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID")
     p.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID")
-    p.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s, metavar="SECONDS")
+    seconds = client.positive_seconds
     p.add_argument(
-        "--shutdown-grace", type=float, default=defaults.shutdown_grace_s, metavar="SECONDS"
+        "--read-timeout", type=seconds, default=defaults.read_timeout_s, metavar="SECONDS"
+    )
+    p.add_argument(
+        "--shutdown-grace", type=seconds, default=defaults.shutdown_grace_s, metavar="SECONDS"
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "-v",
+        "--verbose",
+        "--debug",
+        action="store_true",
+        help="debug logging, with tracebacks for start-up errors",
+    )
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
+def _add_lm(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lm",
+        choices=(*LM_SIZES, "none"),
+        default=DEFAULT_LM,
+        help="5 Hz LM planner for `thinking` requests, loaded on first use (%(default)s)",
     )
+
+
+def _lm_size(args: argparse.Namespace) -> str | None:
+    return None if args.lm == "none" else args.lm
+
+
+class StartupProblem(Exception):
+    """Something the user can fix stops the daemon from starting (one short message)."""
+
+
+class _QuietFormatter(logging.Formatter):
+    """Log lines without the tracebacks of expected errors (AceStepError): the message says it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from acestep_daemon.errors import AceStepError
+
+        if record.exc_info and isinstance(record.exc_info[1], AceStepError):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return super().format(record)
+
+
+def _check_device(name: str) -> None:
+    """Refuse a device this machine does not have, before anything loads."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise StartupProblem(
+            f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise StartupProblem(f"--device {name}: only auto, cpu, cuda and cuda:N are supported")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise StartupProblem(
+            f"--device {name}: no CUDA device is available (torch {torch.__version__}, {build}); "
+            "use --device cpu (or auto)"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise StartupProblem(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check what the user can get wrong, then serve; start-up problems are one short message."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter_class = logging.Formatter if args.verbose else _QuietFormatter
+    handler.setFormatter(formatter_class("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(
+        level="DEBUG" if args.verbose else args.log_level.upper(), handlers=[handler]
+    )
+    try:
+        return _serve(args)
+    except StartupProblem as problem:
+        if args.verbose:
+            logger.exception("cannot start")
+        print(f"acestep serve: {problem}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from acestep_daemon.errors import CheckpointError
+
     options = ServerOptions(
         socket_path=args.socket,
         socket_mode=args.socket_mode,
@@ -108,8 +201,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     activated = os.environ.get("LISTEN_PID") == str(os.getpid())
     if not activated and paths.daemon_answers(options.socket_path):
-        logger.error("a daemon is already listening on %s", options.socket_path)
-        return 1
+        raise StartupProblem(f"a daemon is already listening on {options.socket_path}")
+    _check_device(args.device)
 
     from acestep_daemon import faults, server
     from acestep_daemon.checkpoint import resolve_checkpoint
@@ -133,11 +226,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dtype = _torch_dtype(args.dtype)
 
     try:
+        try:
+            checkpoint = resolve_checkpoint(model_dir, model=model)
+        except CheckpointError as error:
+            raise StartupProblem(
+                f"{error}\nTo try the daemon without the weights: acestep serve --model tiny "
+                "(random weights: it answers every request, with noise)."
+            ) from error
         injected = faults.plan_from_env()
 
         def factory() -> Pipeline:
-            paths = resolve_checkpoint(model_dir, model=model)
-            pipeline = Pipeline.load(paths, device=args.device, dtype=dtype, model=model)
+            pipeline = Pipeline.load(
+                checkpoint,
+                device=args.device,
+                dtype=dtype,
+                model=model,
+                lm_size=_lm_size(args),
+                lm_model_dir=model_dir,
+            )
             if args.lora is not None:
                 pipeline.adapters.get(args.lora[0], pipeline.model)  # fits, or a clear error
                 pipeline.default_lora = args.lora
@@ -148,8 +254,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return server.serve(manager, options)
     except ValueError as error:
-        logger.error("%s", error)
-        return 2
+        raise StartupProblem(str(error)) from error
     finally:
         if tiny_dir is not None:
             shutil.rmtree(tiny_dir, ignore_errors=True)
@@ -251,11 +356,25 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_request(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("request", help="send one request to a running daemon")
+    p = subparsers.add_parser(
+        "request",
+        help="send one request to a running daemon",
+        description="Send one request; the answer line goes to stdout, progress lines and errors "
+        "to stderr. Exit status: 0 ok, 1 daemon error, 2 usage or bad JSON, 3 no daemon or "
+        "connection dropped, 124 timeout, 130 Ctrl-C (the job is cancelled).",
+    )
     p.add_argument("text", nargs="?", metavar="CAPTION", help="the caption, as -c/--caption")
     p.add_argument("--command", choices=get_args(CommandName))
     p.add_argument("--json", dest="raw", help="send this JSON object as it is")
-    p.add_argument("--socket", type=Path, default=None)
+    p.add_argument(
+        "--socket", type=Path, default=None, help=f"default: {client.default_socket_path()}"
+    )
+    p.add_argument(
+        "--timeout",
+        type=client.positive_seconds,
+        metavar="SECONDS",
+        help="give up (and cancel the job) after this long; default: wait",
+    )
     _add_fields(p, GenerateRequest, skip=set())
     p.set_defaults(func=cmd_request)
 
@@ -263,72 +382,113 @@ def _add_request(subparsers: argparse._SubParsersAction) -> None:
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
     """The request object from the flags (only the flags that were given)."""
     if args.raw:
-        return json.loads(args.raw)
+        return client.parse_request(args.raw)
     if args.command:
         return {"command": args.command}
     if args.text is not None and args.caption is not None:
-        raise SystemExit("acestep request: give the caption once (positional or -c)")
+        raise client.ClientError("give the caption once (positional or -c)", client.EXIT_USAGE)
     args.caption = args.caption if args.caption is not None else args.text
     if not args.caption:
-        raise SystemExit("acestep request: give a caption, --command or --json")
+        raise client.ClientError("give a caption, --command or --json", client.EXIT_USAGE)
     return request_fields(args)
 
 
 def cmd_request(args: argparse.Namespace) -> int:
-    """Send the line, half-close like socat, print every answer line; 0 when the last is ok."""
-    line = json.dumps(build_request(args)).encode() + b"\n"
+    """Send the line and print the answer as `client.py` does (same messages, exit codes)."""
+    prog = "acestep request"
+    try:
+        request = build_request(args)
+    except client.ClientError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return error.status
     path = args.socket or paths.default_socket_path()
-    last: dict[str, Any] = {}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError as error:
-            print(f"acestep request: cannot connect to {path}: {error}", file=sys.stderr)
-            return 1
-        sock.sendall(line)
-        sock.shutdown(socket.SHUT_WR)
-        with sock.makefile("rb") as answers:
-            for raw in answers:
-                print(raw.decode().rstrip("\n"), flush=True)
-                last = json.loads(raw)
-    return 0 if last.get("ok") else 1
+    return client.run(request, path, timeout=args.timeout, progress=args.progress, prog=prog)
+
+
+SKILL_SOURCE = Path(__file__).resolve().parent.parent / "skills" / "generate_music"
+"""The spacebot skill in a checkout (it is not part of an installed wheel)."""
+SKILL_CLIENT = Path("scripts") / "acestep-request"
+"""Where the skill expects its client (`{baseDir}/scripts/acestep-request`)."""
 
 
 def _add_install_service(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("install-service", help="write the systemd user units")
+    p = subparsers.add_parser(
+        "install-service",
+        help="write the systemd user units (and install the spacebot skill)",
+        description="Write the systemd user units for this interpreter; with --skill-dir, also "
+        "copy the spacebot skill (SKILL.md and its standard-library client) there.",
+    )
     p.add_argument(
         "--unit-dir",
         type=Path,
         default=Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
         / "systemd"
         / "user",
+        help="default: %(default)s",
     )
     p.add_argument(
         "--socket",
         default=units.DEFAULT_LISTEN,
         help=f"ListenStream= of the socket unit (old clients: {paths.LEGACY_SOCKET})",
     )
+    p.add_argument(
+        "--skill-dir",
+        type=Path,
+        default=None,
+        help="install the generate_music skill into this folder, e.g. "
+        "~/.spacebot/skills/generate_music",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would be written; write none")
     p.add_argument("--enable", action="store_true", help="systemctl --user enable --now the socket")
     p.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- extra `acestep serve` flags")
     p.set_defaults(func=cmd_install_service)
 
 
-def cmd_install_service(args: argparse.Namespace) -> int:
+def _install_files(args: argparse.Namespace) -> list[tuple[Path, str, int]]:
+    """(path, text, mode) of every file install-service writes."""
     extra = [a for a in args.serve_args if a != "--"]
     exec_start = units.exec_start(sys.executable, extra)
-    args.unit_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        (units.SERVICE_NAME, units.render_service(exec_start)),
-        (units.SOCKET_UNIT_NAME, units.render_socket(args.socket)),
-    ):
-        (args.unit_dir / name).write_text(text)
-        print(f"wrote {args.unit_dir / name}")
+    files = [
+        (args.unit_dir / units.SERVICE_NAME, units.render_service(exec_start), 0o644),
+        (args.unit_dir / units.SOCKET_UNIT_NAME, units.render_socket(args.socket), 0o644),
+    ]
+    if args.skill_dir is not None:
+        skill = (SKILL_SOURCE / "SKILL.md").read_text()
+        files.append((args.skill_dir / "SKILL.md", skill, 0o644))
+        client_text = Path(client.__file__).read_text()
+        files.append((args.skill_dir / SKILL_CLIENT, client_text, 0o755))
+    return files
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    if args.skill_dir is not None and not (SKILL_SOURCE / "SKILL.md").is_file():
+        print(
+            f"acestep install-service: no skill at {SKILL_SOURCE}: "
+            "install it from a checkout of the repository",
+            file=sys.stderr,
+        )
+        return 2
+    files = _install_files(args)
+    for path, text, mode in files:
+        if args.dry_run:
+            print(f"would write {path} (mode {mode:o}):\n{text}")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+        print(f"wrote {path}")
+    if args.skill_dir is None:
+        print(
+            f"spacebot skill: copy {SKILL_SOURCE} into spacebot's skills folder (e.g. "
+            "~/.spacebot/skills/generate_music), or run again with --skill-dir FOLDER; "
+            f"the skill runs its client as {{baseDir}}/{SKILL_CLIENT}"
+        )
     commands = [
         ["systemctl", "--user", "daemon-reload"],
         ["systemctl", "--user", "enable", "--now", units.SOCKET_UNIT_NAME],
     ]
-    if not args.enable:
-        print("now run:\n" + "\n".join("  " + " ".join(c) for c in commands))
+    if args.dry_run or not args.enable:
+        print("then run:\n" + "\n".join("  " + " ".join(c) for c in commands))
         return 0
     for command in commands:
         if subprocess.run(command, check=False).returncode != 0:
@@ -344,18 +504,22 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL, help="the DiT (turbo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    _add_lm(p)
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Validate like the daemon, generate, write atomically, print one JSON line."""
+    """Validate like the daemon, generate, write atomically, print the daemon's answer line."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     from pydantic import ValidationError
 
-    from acestep_daemon import protocol
+    from acestep_daemon import connection, protocol
     from acestep_daemon.audio import write_audio
     from acestep_daemon.checkpoint import resolve_checkpoint
     from acestep_daemon.errors import AceStepError
+    from acestep_daemon.manager import JobResult
+    from acestep_daemon.memory import Run
+    from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
     from acestep_daemon.pipeline import Pipeline
 
     for flag, value in (("--caption", args.caption), ("--output", args.output)):
@@ -370,12 +534,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if problem is not None:
             print(f"acestep generate: {problem}", file=sys.stderr)
             return 2
+        started = time.perf_counter()
         checkpoint = resolve_checkpoint(args.model_dir, model=args.model)
         pipeline = Pipeline.load(
-            checkpoint, device=args.device, dtype=_torch_dtype(args.dtype), model=args.model
+            checkpoint,
+            device=args.device,
+            dtype=_torch_dtype(args.dtype),
+            model=args.model,
+            lm_size=_lm_size(args),
+            lm_model_dir=args.model_dir,
         )
+        loaded = time.perf_counter()
         with _TerminalProgress() as progress:
             audio = pipeline.generate(request.to_params(), progress=progress)
+        writing = time.perf_counter()
         takes = []
         if request.seeds is None:
             write_audio(output, audio.samples, audio.sample_rate, float_wav=args.float_wav)
@@ -383,22 +555,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for take in audio.takes:
                 path = paths.take_path(output, take.seed)
                 write_audio(path, take.samples, audio.sample_rate, float_wav=args.float_wav)
-                takes.append({"path": str(path), "seed": take.seed})
-            output = Path(takes[0]["path"])
+                takes.append((path, take.seed))
+            output = takes[0][0]
+        done = time.perf_counter()
     except ValidationError as error:
         print(f"acestep generate: {protocol.describe(error)}", file=sys.stderr)
         return 2
     except (AceStepError, OSError) as error:
         print(f"acestep generate: {error}", file=sys.stderr)
         return 1
-    answer = protocol.success_answer(
-        path=str(output),
-        duration_s=audio.duration_s,
-        seed=audio.seed,
-        timings=audio.timings,
-        device=str(pipeline.device),
-        **({"takes": takes} if takes else {}),
+    run = Run(
+        audio=audio,
+        device=pipeline.device,
+        dtype=pipeline.dtype,
+        fallback=None,
+        oom_retries=0,
+        vae_chunk_frames=DECODE_CHUNK_FRAMES,
     )
+    timings = {
+        "load": loaded - started,
+        **audio.timings,
+        "write": done - writing,
+        "total": done - started,
+    }
+    answer = connection.success(JobResult(path=output, run=run, timings=timings, takes=takes))
     sys.stdout.write(protocol.encode(answer).decode())
     return 0
 
@@ -424,7 +604,7 @@ class _TerminalProgress:
             if self._bar is not None:
                 self._bar.close()
             self._bar = tqdm(total=of, desc=stage, unit="step", file=sys.stderr)
-        self._bar.update(step + 1 - self._bar.n)
+        self._bar.update(step - self._bar.n)
 
 
 def _add_make_tiny_checkpoint(subparsers: argparse._SubParsersAction) -> None:

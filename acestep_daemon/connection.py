@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from acestep_daemon import paths, protocol, sdnotify
-from acestep_daemon.errors import AceStepError, Cancelled, InvalidRequest
+from acestep_daemon.errors import AceStepError, Cancelled, InvalidRequest, OutputError
 from acestep_daemon.family import MODELS
 from acestep_daemon.manager import (
     GenerationManager,
@@ -56,6 +56,8 @@ def wire_error(error: BaseException) -> dict[str, Any]:
         return protocol.error_answer(str(error), "cancelled")
     if isinstance(error, OutOfMemory | MemoryError):
         return protocol.error_answer(str(error), "oom")
+    if isinstance(error, OutputError):
+        return protocol.error_answer(str(error), "io")
     if isinstance(error, AceStepError | OSError):
         return protocol.error_answer(f"generation failed: {error}", "internal")
     return protocol.error_answer(f"internal error: {type(error).__name__}: {error}", "internal")
@@ -216,6 +218,11 @@ class Connection:
         events = _Events(handle, asyncio.get_running_loop(), progress=request.progress)
         self.watcher.watch(fd, events.hangup)
         try:
+            if request.progress:
+                try:
+                    await self._send(protocol.queued_line(handle.position))
+                except ConnectionError:
+                    events.hangup()
             while (progress := await events.next_progress()) is not None:
                 try:
                     await self._send(protocol.progress_line(*progress))
@@ -235,7 +242,7 @@ class Connection:
             f"{self.manager.queue_depth} waiting"
         )
         if isinstance(outcome, JobResult):
-            return _success(outcome)
+            return success(outcome)
         return wire_error(outcome)
 
     async def _send(self, answer: dict[str, Any]) -> None:
@@ -279,19 +286,22 @@ class _Events:
         return error if error is not None else future.result()
 
 
-def _success(result: JobResult) -> dict[str, Any]:
+def success(result: JobResult) -> dict[str, Any]:
+    """The success answer of a written file (the daemon's, and `acestep generate`'s line)."""
     run = result.run
     takes = [{"path": str(path), "seed": seed} for path, seed in result.takes]
     return protocol.success_answer(
         path=str(result.path),
         duration_s=run.audio.duration_s,
         seed=run.audio.seed,
-        timings=run.audio.timings,
+        timings=result.timings,
         device=str(run.device),
         dtype=str(run.dtype).removeprefix("torch."),
         fallback=run.fallback,
         oom_retries=run.oom_retries,
         vae_chunk_frames=run.vae_chunk_frames,
+        notes=run.audio.notes,
+        **({"thinking": run.audio.thinking} if run.audio.thinking is not None else {}),
         **({"takes": takes} if takes else {}),
     )
 
@@ -314,8 +324,9 @@ def _log_request(request: protocol.GenerateRequest, outcome: Any) -> None:
     """One line per request for the journal: caption, duration, seed, timings, result."""
     if isinstance(outcome, JobResult):
         run = outcome.run
-        timings = " ".join(f"{k}={v:.2f}s" for k, v in run.audio.timings.items())
+        timings = " ".join(f"{k}={v:.2f}s" for k, v in outcome.timings.items())
         extra = f" fallback={run.fallback}" if run.fallback else ""
+        extra += "".join(f" note={note!r}" for note in run.audio.notes)
         logger.info(
             "request %s duration=%gs seed=%d %s device=%s%s -> %s",
             _abbreviate(request.caption),

@@ -17,5 +17,9 @@ class Cancelled(AceStepError):
     """The job was cancelled (its client hung up, or the daemon is stopping)."""
 
 
+class OutputError(AceStepError):
+    """The output file could not be written (a full disk, an I/O error); names the path."""
+
+
 class GenerationFailed(AceStepError):
     """The model produced unusable output (NaN/Inf or silence)."""

@@ -2,7 +2,8 @@
 
 `ACESTEP_INJECT_OOM="vae:1,diffusion:99"` makes the pipeline raise a real
 `torch.cuda.OutOfMemoryError` at the start of that stage, that many times, while
-the pipeline is where it was loaded (its home) — never in the CPU fallback.
+the pipeline is where it was loaded (its home) — never in the CPU fallback; "plan"
+(the 5 Hz LM) fires only while the LM is home.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any
 import torch
 
 from acestep_daemon.params import GenerationParams
-from acestep_daemon.pipeline import Audio, Conditioning, Pipeline, ProgressFn
+from acestep_daemon.pipeline import Audio, Conditioning, Pipeline, Planned, ProgressFn
 
-STAGES = ("text", "diffusion", "vae")
+STAGES = ("plan", "text", "diffusion", "vae")
 """The pipeline's stages, as progress lines and the memory policy name them."""
 
 ENV_VAR = "ACESTEP_INJECT_OOM"
@@ -51,9 +52,19 @@ class FaultyPipeline(Pipeline):
             self._plan[stage] -= 1
             raise torch.cuda.OutOfMemoryError(f"injected out-of-memory at stage {stage!r}")
 
-    def prepare(self, params: GenerationParams, progress: ProgressFn | None = None) -> Conditioning:
+    def plan(self, params: GenerationParams, progress: ProgressFn | None = None) -> Planned | None:
+        if params.thinking != "off" and self.lm_at == self._home:  # only while the LM is home
+            self._maybe_fail("plan")
+        return super().plan(params, progress)
+
+    def prepare(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        planned: Planned | None = None,
+    ) -> Conditioning:
         self._maybe_fail("text")
-        return super().prepare(params, progress)
+        return super().prepare(params, progress, planned)
 
     def diffuse(self, cond: Conditioning, progress: ProgressFn | None = None) -> torch.Tensor:
         self._maybe_fail("diffusion")

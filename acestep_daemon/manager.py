@@ -59,11 +59,17 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    """The written file(s) and how they were made."""
+    """The written file(s) and how they were made.
+
+    `timings` are the run's stages (text, diffusion, vae) plus `write` (encoding
+    the file(s)), `load` when this job had to load the pipeline, and `total`: the
+    job's whole time in the worker, from leaving the queue to the written file.
+    """
 
     path: Path
     """The first take's file."""
     run: Run
+    timings: dict[str, float]
     takes: list[tuple[Path, int]] = field(default_factory=list)
     """(file, seed) of every take when the request named `seeds`; empty otherwise."""
 
@@ -73,6 +79,8 @@ class JobHandle:
     """A submitted job: its result future, its progress listeners and its cancellation."""
 
     job: Job
+    position: int = 0
+    """Jobs ahead of this one when it was queued, the running one included (0: starts now)."""
     result: Future[JobResult] = field(default_factory=Future)
     cancel_reason: AceStepError | None = None
     _listeners: list[Progress] = field(default_factory=list)
@@ -167,6 +175,7 @@ class GenerationManager:
                 raise ShuttingDown("the daemon is shutting down")
             if len(self._jobs) >= self.queue_limit:
                 raise QueueFull(len(self._jobs), self.queue_limit)
+            handle.position = len(self._jobs) + (self._running is not None)
             self._jobs.append(handle)
             self._cond.notify()
         return handle
@@ -212,6 +221,8 @@ class GenerationManager:
             "free_vram_bytes": free_vram,
             "model": self._model,
             "model_dir": self._model_dir,
+            "lm": None if pipeline is None else pipeline.lm_size,
+            "lm_loaded": pipeline is not None and pipeline.lm is not None,
             **vars(self.counters),
         }
 
@@ -334,12 +345,14 @@ class GenerationManager:
 
     def _serve(self, handle: JobHandle) -> None:
         """Run one job and answer it; only a FatalWorkerError escapes."""
-        started = time.monotonic()
+        started = time.perf_counter()
         job = handle.job
         try:
             if handle.cancel_reason is not None:
                 raise handle.cancel_reason
+            loading = self._pipeline is None
             pipeline = self._ensure_loaded()
+            loaded = time.perf_counter()
             assert self._home is not None
             run = MemoryPolicy(
                 pipeline,
@@ -348,6 +361,7 @@ class GenerationManager:
                 on_fallback=self._count_fallback,
             ).run(job.params, handle._progress)
             job.output.parent.mkdir(parents=True, exist_ok=True)
+            writing = time.perf_counter()
             takes = []
             if job.params.seeds is None:
                 path = write_audio(job.output, run.audio.samples, run.audio.sample_rate)
@@ -357,6 +371,13 @@ class GenerationManager:
                     written = write_audio(target, take.samples, run.audio.sample_rate)
                     takes.append((Path(written), take.seed))
                 path = takes[0][0]
+            done = time.perf_counter()
+            timings = {
+                **({"load": loaded - started} if loading else {}),
+                **run.audio.timings,
+                "write": done - writing,
+                "total": done - started,
+            }
         except FatalWorkerError as error:
             self.counters.failed += 1
             handle._finish(error)
@@ -369,8 +390,7 @@ class GenerationManager:
             handle._finish(error)
         else:
             self.counters.generated += 1
-            logger.debug("job done in %.2f s", time.monotonic() - started)
-            handle._finish(JobResult(path=Path(path), run=run, takes=takes))
+            handle._finish(JobResult(path=Path(path), run=run, timings=timings, takes=takes))
 
     def _count_retry(self) -> None:
         self.counters.oom_retries += 1

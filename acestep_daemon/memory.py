@@ -1,11 +1,13 @@
 """The out-of-memory policy: run one job's stages so that running out of memory never loses it.
 
 At home (the device and dtype the pipeline was loaded with): choose the VAE tile
-from free GPU memory, run the three stages, and after running out of memory free
+from free GPU memory, run the stages, and after running out of memory free
 the cache and retry the failing stage once — the VAE with half the tile each
-time, down to a floor. When that is not enough, run this one request on the CPU
-in float32 and move the pipeline back home afterwards. `run` returns where and
-how the request ran; nothing here knows about queues, sockets or files.
+time, down to a floor. The planner (5 Hz LM) that still runs out of memory runs
+on the CPU for this request while the DiT stays home. When that is not enough,
+run this one request on the CPU in float32 and move the pipeline back home
+afterwards. `run` returns where and how the request ran; nothing here knows about
+queues, sockets or files.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from acestep_daemon.errors import AceStepError
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
 from acestep_daemon.params import GenerationParams
-from acestep_daemon.pipeline import Audio, Pipeline, ProgressFn, latent_frames
+from acestep_daemon.pipeline import Audio, Pipeline, Planned, ProgressFn, latent_frames
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class Run:
     audio: Audio
     device: torch.device
     dtype: torch.dtype
-    fallback: str | None  # "cpu" when this request ran on the CPU to avoid running out of memory
+    fallback: str | None  # "cpu": the request ran on the CPU; "lm-cpu": only its planner did
     oom_retries: int
     vae_chunk_frames: int
 
@@ -94,6 +96,7 @@ class MemoryPolicy:
         self._on_fallback = on_fallback
         self.retries = 0
         self.chunk = DECODE_CHUNK_FRAMES
+        self.lm_on_cpu = False
 
     def run(self, params: GenerationParams, progress: ProgressFn) -> Run:
         """Generate at home if memory allows, else on the CPU; returns where it ran."""
@@ -101,15 +104,15 @@ class MemoryPolicy:
         if (pipeline.device, pipeline.dtype) == self.home and self._fits(params):
             audio = self._at_home(params, progress)
             if audio is not None:
-                return self._result(audio, None)
+                return self._result(audio, "lm-cpu" if self.lm_on_cpu else None)
             free_memory()
         return self._result(self._on_cpu(params, progress), "cpu")
 
     def _result(self, audio: Audio, fallback: str | None) -> Run:
         return Run(
             audio=audio,
-            device=self.pipeline.device if fallback is None else CPU[0],
-            dtype=self.pipeline.dtype if fallback is None else CPU[1],
+            device=self.pipeline.device if fallback != "cpu" else CPU[0],
+            dtype=self.pipeline.dtype if fallback != "cpu" else CPU[1],
             fallback=fallback,
             oom_retries=self.retries,
             vae_chunk_frames=self.chunk,
@@ -140,7 +143,8 @@ class MemoryPolicy:
         """
         pipeline = self.pipeline
         try:
-            cond = self._retry(lambda: pipeline.prepare(params, progress))
+            planned = self._plan(params, progress)
+            cond = self._retry(lambda: pipeline.prepare(params, progress, planned))
             latents = self._retry(lambda: pipeline.diffuse(cond, progress))
             while True:
                 try:
@@ -152,6 +156,22 @@ class MemoryPolicy:
                 self._count_retry(f"the VAE, retrying with {self.chunk}-frame chunks")
         except torch.OutOfMemoryError:
             return None
+
+    def _plan(self, params: GenerationParams, progress: ProgressFn) -> Planned | None:
+        """The planner stage with its retry; then on the CPU, the DiT staying home."""
+        pipeline = self.pipeline
+        try:
+            return self._retry(lambda: pipeline.plan(params, progress))
+        except torch.OutOfMemoryError:
+            pass
+        free_memory()
+        logger.warning("out of memory in the planner; running the LM on the CPU for this request")
+        self.lm_on_cpu = True
+        pipeline.move_lm(*CPU)
+        try:
+            return pipeline.plan(params, progress)
+        finally:
+            pipeline.move_lm(*self.home)
 
     def _retry(self, stage: Callable[[], T]) -> T:
         """Run a stage; after running out of memory, free the cache and try once more."""

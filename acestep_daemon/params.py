@@ -34,14 +34,20 @@ from acestep_daemon.family import (
 Task = Literal["text2music", "repaint", "cover"]
 TASKS: tuple[str, ...] = get_args(Task)
 
+Thinking = Literal["off", "metas", "full"]
+"""The 5 Hz LM planner: off; metas fills in what the request left out; full adds codes."""
+
 MAX_SEED = 2**64 - 1
 """ace-step-rs clients send the seed as a u64."""
 
 MAX_TAKES = 8
 """Most seeds of one request (upstream's batch limit)."""
 
-KEY_PATTERN = re.compile(r"^[A-G][#b♯♭]? (major|minor)$")
-"""Key/scale as the model was trained on it: note, optional accidental, mode ("F# minor")."""
+_NOTES = ("A", "B", "C", "D", "E", "F", "G")
+_ACCIDENTALS = ("", "#", "b", "♯", "♭")
+_MODES = ("major", "minor")
+KEYSCALES = tuple(f"{n}{a} {m}" for n in _NOTES for a in _ACCIDENTALS for m in _MODES)
+"""The 70 keys the model was trained on: note, optional accidental (ASCII or Unicode), mode."""
 
 _TIME_SIGNATURE = re.compile(r"^\s*(\d+)\s*(?:/\s*(\d+)\s*)?$")
 _DENOMINATORS = (1, 2, 4, 8, 16, 32)
@@ -101,7 +107,7 @@ class GenerationParams(StrictModel):
         "", description="lyrics with [verse]/[chorus] tags"
     )
     metas: Annotated[str, Flag("--metas")] = Field(
-        "", description="free metadata string, passed to the model verbatim"
+        "", description="free metadata string, passed verbatim (not with bpm, key, time_signature)"
     )
     language: Annotated[str, Flag("--language")] = Field(
         "en", description="language code of the lyrics"
@@ -204,6 +210,11 @@ class GenerationParams(StrictModel):
     lora_scale: Annotated[float | None, Flag("--lora-scale")] = Field(
         None, ge=0.0, le=1.0, description="strength of the LoRA adapter, or of --lora's (1)"
     )
+    thinking: Annotated[Thinking, Flag("--thinking")] = Field(
+        "off",
+        description="5 Hz LM planner: off; metas: it fills in bpm, key, time signature, "
+        "duration and language left out; full: metas plus audio codes that guide the song",
+    )
 
     def replace(self, **changes: Any) -> Self:
         """A copy with some fields changed, validated like a new request."""
@@ -219,7 +230,7 @@ class GenerationParams(StrictModel):
     @field_validator("key")
     @classmethod
     def _key_format(cls, value: str | None) -> str | None:
-        if value is not None and not KEY_PATTERN.match(value):
+        if value is not None and value not in KEYSCALES:
             raise ValueError(f'key {value!r}: expected a note and a mode, e.g. "F# minor"')
         return value
 
@@ -324,4 +335,12 @@ class GenerationParams(StrictModel):
             raise ValueError("repaint_start_s/repaint_end_s are only used by the repaint task")
         if end is not None and 0 <= end <= (start or 0.0):
             raise ValueError("repaint_end_s must be after repaint_start_s")
+        if self.thinking != "off" and self.task != "text2music":
+            raise ValueError("thinking plans text2music songs; repaint and cover keep their source")
+        structured = [name for name in ("bpm", "key", "time_signature") if getattr(self, name)]
+        if structured and self.metas.strip():
+            raise ValueError(
+                f"metas cannot be combined with {', '.join(structured)}: the model reads one "
+                "metas block, so give either the free metas string or the structured fields"
+            )
         return self

@@ -1,4 +1,8 @@
-"""Where the daemon listens and where it spools files nobody named (XDG locations)."""
+"""Where the daemon listens and where it spools files nobody named (XDG locations).
+
+The socket search order has one home, `client.default_socket_path` (the client
+must run without this package's dependencies); the daemon uses the same.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,16 @@ import threading
 import time
 from pathlib import Path
 
-SOCKET_NAME = "ace-step-gen.sock"
-LEGACY_SOCKET = Path("/tmp") / SOCKET_NAME
-"""The ace-step-rs daemon's fixed path, still the fallback without a runtime dir."""
+from acestep_daemon.client import LEGACY_SOCKET, SOCKET_NAME, default_socket_path
 
-
-def default_socket_path() -> Path:
-    """`ACESTEP_SOCKET`, else `$XDG_RUNTIME_DIR/ace-step-gen.sock`, else the legacy path."""
-    if env := os.environ.get("ACESTEP_SOCKET"):
-        return Path(env)
-    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(runtime) / SOCKET_NAME
-    return LEGACY_SOCKET
+__all__ = [
+    "LEGACY_SOCKET",
+    "SOCKET_NAME",
+    "daemon_answers",
+    "default_socket_path",
+    "spool_dir",
+    "spool_path",
+]
 
 
 def daemon_answers(path: Path) -> bool:

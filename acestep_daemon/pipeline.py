@@ -2,16 +2,19 @@
 
 This is the only module that wires the text encoder, the ACE-Step network, the
 VAE and a device together (upstream: `AceStepHandler` in `acestep/handler.py`).
-A request runs in three stages, each a method, so that the daemon's
+A request runs in up to four stages, each a method, so that the daemon's
 out-of-memory policy can retry one stage:
 
+    plan     ("lm-thought", "lm-codes")  only with `thinking`: the 5 Hz LM fills in
+                            what the request left out, and in full mode writes audio codes
     prepare  ("text")       prompts → Qwen3 → condition encoder; audio inputs → VAE
-                            latents; seed (and retake seed) → noise
+                            latents; planned codes → context hints; seeds (and retake
+                            seed) → noise
     diffuse  ("diffusion")  the model's sampler: turbo (1-20 steps, DCW) or the guided
                             sft/base sampler; with the request's LoRA adapter applied
     decode   ("vae")        tiled VAE decode, anti-clipping, crop to the request
 
-`generate` runs all three.
+`generate` runs them all.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -32,7 +36,7 @@ from torch import nn
 
 from acestep_daemon.adapters import AdapterCache
 from acestep_daemon.audio import read_audio
-from acestep_daemon.checkpoint import CheckpointPaths
+from acestep_daemon.checkpoint import CheckpointPaths, resolve_lm
 from acestep_daemon.constants import (
     LATENT_HOP,
     MAX_DURATION_S,
@@ -43,11 +47,22 @@ from acestep_daemon.errors import GenerationFailed, InvalidRequest
 from acestep_daemon.family import DEFAULT_MODEL, MODELS, ModelSpec
 from acestep_daemon.model import AceStepModel, DcwSettings, sample_guided
 from acestep_daemon.model.lora import lora_applied
-from acestep_daemon.model.sampler import RepaintInputs, draw_noise, mix_retake, sample_turbo
+from acestep_daemon.model.sampler import (
+    RepaintInputs,
+    draw_noise,
+    mix_retake,
+    sample_turbo,
+    snap_shift,
+)
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES, OobleckVAE
-from acestep_daemon.params import GenerationParams
+from acestep_daemon.params import GenerationParams, time_signature_numerator
+from acestep_daemon.planner import LMRunner, PlanRequest, make_plan
+from acestep_daemon.planner.hints import codes_to_hints
+from acestep_daemon.planner.plan import PhaseProgress
 from acestep_daemon.text import (
+    CAPTION_MAX_TOKENS,
     INSTRUCTIONS,
+    LYRICS_MAX_TOKENS,
     TextEncoder,
     caption_prompt,
     lyrics_prompt,
@@ -57,7 +72,8 @@ from acestep_daemon.text import (
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
-"""(stage, step, of): called before each unit of work; may raise to cancel."""
+"""(stage, step, of): `step` units of `of` are done; called before each unit and once
+more when the stage is complete (step == of). It may raise to cancel."""
 
 REFERENCE_FRAMES = 750
 """Timbre reference length in latent frames (30 s), as upstream."""
@@ -67,6 +83,16 @@ REFERENCE_SEGMENT_S = 10.0
 
 SILENT_PEAK = 1e-6
 """A waveform whose peak stays below this is treated as failed output."""
+
+
+REQUEST_FIELD_OF = {
+    "bpm": "bpm",
+    "keyscale": "key",
+    "timesignature": "time_signature",
+    "language": "language",
+    "duration": "duration_s",
+}
+"""The planner's fields and the request fields they fill in."""
 
 
 @dataclass
@@ -85,6 +111,9 @@ class Audio:
     sample_rate: int
     duration_s: float
     timings: dict[str, float]
+    thinking: dict[str, Any] | None = None  # what the planner did (mode, inferred, codes)
+    notes: list[str] = field(default_factory=list)
+    """What the request asked for that was changed or cut, in words (shift snapped, text cut)."""
 
     @property
     def samples(self) -> torch.Tensor:
@@ -94,6 +123,20 @@ class Audio:
     @property
     def seed(self) -> int:
         return self.takes[0].seed
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A request after the planner: its parameters with the planned values filled in."""
+
+    params: GenerationParams  # the caller's values kept, the rest planned, the seed fixed
+    inferred: dict[str, Any]  # request field -> value the LM chose
+    codes: list[int] | None  # 5 Hz audio codes (full mode)
+    seconds: float
+
+    def report(self) -> dict[str, Any]:
+        codes = None if self.codes is None else len(self.codes)
+        return {"mode": self.params.thinking, "inferred": self.inferred, "codes": codes}
 
 
 @dataclass
@@ -108,6 +151,8 @@ class Conditioning:
     noise: torch.Tensor  # [B, T, 64]
     repaint: RepaintInputs | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    planned: Planned | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def frames(self) -> int:
@@ -195,8 +240,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 class Pipeline:
-    """A resident ACE-Step v1.5 pipeline for one DiT of the family: load once, generate many
-    times."""
+    """The resident ACE-Step v1.5 turbo pipeline: load once, generate many times."""
 
     def __init__(
         self,
@@ -207,6 +251,8 @@ class Pipeline:
         silence_latent: torch.Tensor,
         device: torch.device,
         dtype: torch.dtype,
+        lm_size: str | None = None,
+        lm_model_dir: Path | None = None,
         spec: ModelSpec = MODELS[DEFAULT_MODEL],
     ) -> None:
         self.checkpoint = checkpoint
@@ -216,6 +262,10 @@ class Pipeline:
         self.silence_latent = silence_latent  # [1, 15000, 64]
         self.device = device
         self.dtype = dtype
+        self.lm_size = lm_size  # 5 Hz LM size, loaded on first use; None: no planner
+        self.lm_model_dir = lm_model_dir  # explicit model folder, else the HF cache
+        self.lm: LMRunner | None = None
+        self.lm_at = (device, dtype)  # where the LM runs (the CPU after running out of memory)
         self.spec = spec
         self.adapters = AdapterCache()
         self.default_lora: tuple[Path, float] | None = None
@@ -227,10 +277,16 @@ class Pipeline:
         checkpoint: CheckpointPaths,
         device: str | torch.device = "auto",
         dtype: torch.dtype | None = None,
+        *,
         model: str = DEFAULT_MODEL,
+        lm_size: str | None = None,
+        lm_model_dir: Path | None = None,
     ) -> Pipeline:
-        """Load the checkpoint's DiT (its config.json decides the architecture, `model` the
-        sampler and defaults), VAE and text encoder onto `device`."""
+        """Load the DiT, VAE and text encoder; the LM of `lm_size` loads on first use.
+
+        The DiT's config.json decides its architecture; `model` (a `family.MODELS` name) its
+        sampler and defaults.
+        """
         device = default_device() if str(device) == "auto" else torch.device(device)
         dtype = dtype or default_dtype(device)
         with torch.device("meta"):
@@ -248,7 +304,8 @@ class Pipeline:
         logger.info(
             "pipeline %s loaded on %s (%s) from %s", model, device, dtype, checkpoint.dit_dir
         )
-        return cls(checkpoint, text, dit, vae, silence, device, dtype, MODELS[model])
+        spec = MODELS[model]
+        return cls(checkpoint, text, dit, vae, silence, device, dtype, lm_size, lm_model_dir, spec)
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> None:
         """Move every resident weight, e.g. to the CPU after running out of GPU memory."""
@@ -259,6 +316,23 @@ class Pipeline:
         self.text.to(device, dtype)
         self.silence_latent = self.silence_latent.to(device, dtype)
         self.device, self.dtype = device, dtype
+        self.move_lm(device, dtype)
+
+    def move_lm(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the LM alone (the DiT stays), e.g. to the CPU after running out of memory."""
+        if self.lm is not None:
+            self.lm.to(device, dtype)
+        self.lm_at = (device, dtype)
+
+    def planner(self) -> LMRunner:
+        """The 5 Hz LM, loaded on first use where `lm_at` says."""
+        if self.lm_size is None:
+            raise InvalidRequest("thinking needs the 5 Hz LM, and this daemon runs with --lm none")
+        if self.lm is None:
+            folder = resolve_lm(self.lm_size, self.lm_model_dir)
+            self.lm = LMRunner.load(folder, *self.lm_at)
+            logger.info("5 Hz LM loaded on %s (%s) from %s", *self.lm_at, folder)
+        return self.lm
 
     def generate(
         self,
@@ -267,16 +341,68 @@ class Pipeline:
         progress: ProgressFn | None = None,
         vae_chunk_frames: int = DECODE_CHUNK_FRAMES,
     ) -> Audio:
-        """text2music, repaint or cover for one request."""
-        cond = self.prepare(params, progress)
+        """text2music (planned or not), repaint or cover for one request."""
+        cond = self.prepare(params, progress, self.plan(params, progress))
         latents = self.diffuse(cond, progress)
         return self.decode(cond, latents, progress, vae_chunk_frames=vae_chunk_frames)
+
+    # -- stage 0: the planner -------------------------------------------------------
+
+    def plan(self, params: GenerationParams, progress: ProgressFn | None = None) -> Planned | None:
+        """Run the 5 Hz LM when the request asks for thinking; None when it does not.
+
+        Values the caller gave (`model_fields_set`) are kept; the LM plans the rest. The
+        seed is fixed here, so the plan and the song come from one seed.
+        """
+        if params.thinking == "off":
+            return None
+        start = time.perf_counter()
+        given = params.model_fields_set
+        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+        if params.seeds is not None:
+            seed = params.seeds[0]
+        meter = params.time_signature
+        request = PlanRequest(
+            caption=params.caption,
+            lyrics=params.lyrics,
+            bpm=params.bpm,
+            keyscale=params.key,
+            timesignature=None if meter is None else time_signature_numerator(meter),
+            language=params.language if "language" in given else None,
+            duration_s=params.duration_s if "duration_s" in given else None,
+            seed=seed,
+        )
+        phases = PhaseProgress()
+        if progress is not None:
+            phases = PhaseProgress(
+                metas=lambda n, of: progress("lm-thought", n, of),
+                codes=lambda n, of: progress("lm-codes", n, of),
+            )
+        plan = make_plan(self.planner(), request, params.thinking, phases)
+        planned = plan.metas.known() | {"duration": plan.duration_s}
+        planned["timesignature"] = str(planned["timesignature"])
+        inferred = {REQUEST_FIELD_OF[name]: planned[name] for name in plan.inferred}
+        return Planned(
+            params=params.replace(**({} if params.seeds else {"seed": seed}), **inferred),
+            inferred=inferred,
+            codes=plan.codes,
+            seconds=time.perf_counter() - start,
+        )
 
     # -- stage 1: conditioning ------------------------------------------------------
 
     @torch.inference_mode()
-    def prepare(self, params: GenerationParams, progress: ProgressFn | None = None) -> Conditioning:
-        """Prompts, text encoder, audio inputs, condition encoder and noise ("text" stage)."""
+    def prepare(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        planned: Planned | None = None,
+    ) -> Conditioning:
+        """Prompts, text encoder, audio inputs, condition encoder and noise ("text" stage).
+
+        With a plan, its parameters replace `params`, and its codes (full mode) become
+        the context hints, as cover latents would (the instruction stays text2music's).
+        """
         problem = params.model_problem(self.spec)
         if problem is not None:
             raise InvalidRequest(problem)
@@ -285,6 +411,8 @@ class Pipeline:
         if progress:
             progress("text", 0, 1)
         start = time.perf_counter()
+        if planned is not None:
+            params = planned.params
         seeds = params.seeds or [
             params.seed if params.seed is not None else secrets.randbelow(2**32)
         ]
@@ -297,6 +425,9 @@ class Pipeline:
             src_latents = self.silence_latent[:, :frames]
             chunk_mask = torch.ones(1, frames, device=self.device, dtype=self.dtype)
             hints = None
+            if planned is not None and planned.codes is not None:
+                codes = torch.tensor(planned.codes, device=self.device)  # [T5]
+                hints = codes_to_hints(self.model, codes, self.silence_latent, frames)
         else:
             source = self._read_source(Path(params.src_audio), "src_audio")  # [2, S]
             if params.task == "repaint":
@@ -327,12 +458,11 @@ class Pipeline:
             key=params.key,
             duration_s=duration_s,
         )
-        text_hidden, text_mask = self.text.encode_caption(
-            [caption_prompt(params.caption, metas, INSTRUCTIONS[params.task])]
-        )
-        lyric_hidden, lyric_mask = self.text.embed_lyrics(
-            [lyrics_prompt(params.lyrics, params.language)]
-        )
+        caption_text = caption_prompt(params.caption, metas, INSTRUCTIONS[params.task])
+        lyrics_text = lyrics_prompt(params.lyrics, params.language)
+        notes = self._notes(params, caption_text, lyrics_text)
+        text_hidden, text_mask = self.text.encode_caption([caption_text])
+        lyric_hidden, lyric_mask = self.text.embed_lyrics([lyrics_text])
         reference = self._reference_latents(params.reference_audio, seed)
         encoder_hidden, _ = self.model.encode_condition(
             text_hidden.to(self.dtype),
@@ -358,6 +488,11 @@ class Pipeline:
                     clean_latents=repaint.clean_latents.expand(takes, -1, -1),
                 )
         _synchronize(self.device)
+        timings = {"text": time.perf_counter() - start}
+        if planned is not None:
+            timings = {"plan": planned.seconds, **timings}
+        if progress:
+            progress("text", 1, 1)
         return Conditioning(
             params=params,
             seeds=seeds,
@@ -366,8 +501,32 @@ class Pipeline:
             context=context,
             noise=noise,
             repaint=repaint,
-            timings={"text": time.perf_counter() - start},
+            timings=timings,
+            planned=planned,
+            notes=notes,
         )
+
+    def _notes(self, params: GenerationParams, caption_text: str, lyrics_text: str) -> list[str]:
+        """What of the request the model will not see as asked: a snapped shift, cut prompts."""
+        notes = []
+        snapped = params.shift is not None and not self.spec.guided and params.steps is None
+        shift = snap_shift(params.shift) if snapped else params.shift
+        if shift != params.shift:
+            notes.append(
+                f"shift {params.shift:g} was snapped to {shift:g} "
+                "(the turbo schedule has shifts 1, 2 and 3)"
+            )
+        for name, text, limit in (
+            ("caption", caption_text, CAPTION_MAX_TOKENS),
+            ("lyrics", lyrics_text, LYRICS_MAX_TOKENS),
+        ):
+            tokens = self.text.count_tokens(text)
+            if tokens > limit:
+                notes.append(
+                    f"{name} truncated to {limit} tokens: the {name} prompt has {tokens}, "
+                    "the rest was not used"
+                )
+        return notes
 
     @staticmethod
     def _read_source(path: Path, field: str) -> torch.Tensor:
@@ -435,7 +594,11 @@ class Pipeline:
         start = time.perf_counter()
         params, spec = cond.params, self.spec
 
+        steps = 0
+
         def on_step(step: int, total: int) -> None:
+            nonlocal steps
+            steps = total
             if progress:
                 progress("diffusion", step, total)
 
@@ -473,6 +636,8 @@ class Pipeline:
                     on_step=on_step,
                 )
         _synchronize(self.device)
+        if progress:
+            progress("diffusion", steps, steps)
         cond.timings["diffusion"] = time.perf_counter() - start
         return latents
 
@@ -491,11 +656,14 @@ class Pipeline:
         start = time.perf_counter()
         latents = latents.transpose(1, 2).to(self.device, self.dtype)  # [B, 64, T]
         count = latents.shape[0]
+        chunks = 0
 
         takes = []
         for index, seed in enumerate(cond.seeds):
 
             def on_chunk(chunk: int, total: int, index: int = index) -> None:
+                nonlocal chunks
+                chunks = count * total
                 if progress:
                     progress("vae", index * total + chunk, count * total)
 
@@ -508,10 +676,14 @@ class Pipeline:
         samples = min(takes[0].samples.shape[1], round(cond.duration_s * SAMPLE_RATE))
         for take in takes:
             take.samples = take.samples[:, :samples].contiguous()
+        if progress:
+            progress("vae", chunks, chunks)
         cond.timings["vae"] = time.perf_counter() - start
         return Audio(
             takes=takes,
             sample_rate=SAMPLE_RATE,
             duration_s=samples / SAMPLE_RATE,
             timings=dict(cond.timings),
+            thinking=None if cond.planned is None else cond.planned.report(),
+            notes=list(cond.notes),
         )

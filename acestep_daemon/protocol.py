@@ -22,7 +22,9 @@ from acestep_daemon.params import Flag, GenerationParams, StrictModel, absolute_
 MAX_LINE_BYTES = 1 << 20
 """A request line (without its newline) may be at most 1 MiB."""
 
-ErrorCode = Literal["invalid_request", "busy", "oom", "cancelled", "internal", "shutting_down"]
+ErrorCode = Literal[
+    "invalid_request", "busy", "oom", "cancelled", "io", "internal", "shutting_down"
+]
 CommandName = Literal["unload", "load", "status", "ping"]
 
 _EXTENSIONS = tuple(ext.lstrip(".") for ext in OUTPUT_EXTENSIONS)
@@ -58,9 +60,11 @@ class GenerateRequest(GenerationParams):
         return path
 
     def to_params(self) -> GenerationParams:
-        """The generation's parameters alone (already validated)."""
+        """The generation's parameters alone (already validated); the fields the caller
+        gave stay marked as given (`model_fields_set`): the planner keeps exactly those."""
         return GenerationParams.model_construct(
-            **{name: getattr(self, name) for name in GenerationParams.model_fields}
+            self.model_fields_set & set(GenerationParams.model_fields),
+            **{name: getattr(self, name) for name in GenerationParams.model_fields},
         )
 
 
@@ -141,8 +145,19 @@ def success_answer(
 
 
 def progress_line(stage: str, step: int, of: int) -> dict[str, Any]:
-    """`{"progress": {"stage", "step", "of"}}`, sent only when the request asked for it."""
+    """`{"progress": {"stage", "step", "of"}}`, sent only when the request asked for it.
+
+    `step` units of `of` are done; each stage ends with `step == of`.
+    """
     return {"progress": {"stage": stage, "step": step, "of": of}}
+
+
+def queued_line(position: int) -> dict[str, Any]:
+    """The first progress line of an accepted job: how many jobs are ahead of it.
+
+    `position` counts the running job and the queued ones before it; 0 means it starts now.
+    """
+    return {"progress": {"stage": "queued", "position": position}}
 
 
 def encode(answer: dict[str, Any]) -> bytes:

@@ -86,7 +86,8 @@ def metas_for_request(
 
     Rule: any structured field (bpm, time_signature, key) given -> the rendered
     block; else a non-blank free `metas` string (ace-step-rs clients) verbatim;
-    else the default block (all N/A) with the request duration.
+    else the default block (all N/A) with the request duration. Requests never
+    carry both (`GenerationParams` refuses the combination).
     """
     if bpm is not None or time_signature or key:
         return render_metas(bpm, time_signature, key, duration_s)
@@ -144,6 +145,10 @@ class TextEncoder:
             return_tensors="pt",
         )
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens in a prompt before any truncation (to tell a caller what was cut)."""
+        return len(self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
 
     @torch.no_grad()
     def encode_caption(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,34 +1,149 @@
 #!/usr/bin/env python3
-"""Time the pipeline's stages and measure its peak memory; print a Markdown table.
+"""Time the pipeline stage by stage, optionally beside the official ACE-Step 1.5 code.
 
-    scripts/benchmark.py --model-dir CHECKPOINT --durations 10 30 240
-    scripts/benchmark.py --dit xl-sft --steps 50 # another model of the family, its steps
-    scripts/benchmark.py --model tiny            # plumbing check on random weights
+    scripts/benchmark.py --model-dir CHECKPOINT                 # 10 30 60 240 600 s
+    scripts/benchmark.py --model tiny --durations 1 --repeats 1  # plumbing check (CI)
+    scripts/benchmark.py --random-full --durations 10 --dtype bf16 \\
+        --reference UPSTREAM_CHECKOUT --reference-python UPSTREAM_VENV/bin/python
 
-Each duration is generated `--repeats` times after one warm-up run; the table
-shows the median time of each stage, the real-time factor and the peak memory
-(CUDA allocator peak on a GPU, process RSS high-water mark on the CPU).
+Per duration: one warm-up generation, then `--repeats` timed ones; the table shows the
+median of each stage (text encoding, condition encoding, diffusion, VAE decode, WAV write),
+the total, the real-time factor and the peak memory (CUDA allocator peak on a GPU, the
+process's RSS high-water mark on the CPU, load included).
+
+`--random-full` writes full-size random weights in the real checkpoint layout to a temporary
+folder (the tokenizer is the tiny checkpoint's). `--reference DIR` (a checkout of the
+official code, never part of this repository) runs the official turbo model and diffusers'
+`AutoencoderOobleck` on the same weights and inputs through `scripts/benchmark_official.py`
+in the reference's Python (`--reference-python`); our side then also runs in a fresh
+process, the two alternate, one model in memory at a time, and the table adds official/ours
+per stage and an output check (max |official - ours| / max |official| for the final latents
+and for the decode of our latents).
+
+Also measured, with the tiny checkpoint: daemon overhead per request (socket round trip
+minus the pipeline's own stage times; it includes the WAV write) and `status` requests per
+second. `--json` prints everything as one JSON object instead of tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import resource
+import socket
 import statistics
+import struct
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from acestep_daemon.checkpoint import resolve_checkpoint
-from acestep_daemon.family import DEFAULT_MODEL, MODELS
-from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
-from acestep_daemon.params import GenerationParams
-from acestep_daemon.pipeline import Pipeline
-from acestep_daemon.tiny import make_tiny_checkpoint
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from acestep_daemon.audio import write_audio  # noqa: E402
+from acestep_daemon.checkpoint import CheckpointPaths, resolve_checkpoint  # noqa: E402
+from acestep_daemon.model import AceStepModel  # noqa: E402
+from acestep_daemon.model.vae import OobleckVAE  # noqa: E402
+from acestep_daemon.params import GenerationParams  # noqa: E402
+from acestep_daemon.pipeline import Pipeline, default_dtype  # noqa: E402
+from acestep_daemon.tiny import make_tiny_checkpoint  # noqa: E402
+from acestep_daemon.tiny.checkpoint import DIT_CONFIG, VAE_CONFIG  # noqa: E402
+from acestep_daemon.tiny.weights import random_tensor  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STAGES = ("text", "condition", "diffusion", "vae", "write")
+OFFICIAL_STAGES = ("condition", "diffusion", "vae")
+DEFAULT_DURATIONS = (10.0, 30.0, 60.0, 240.0, 600.0)
+CAPTION = "benchmark: upbeat jazz trio, brushed drums, walking bass"
+FIXTURES = REPO / "tests" / "fixtures"
+DAEMON_REQUESTS = 20
+STATUS_SECONDS = 2.0
+
+
+# -- full-size random weights ---------------------------------------------------------------
+
+
+def write_safetensors(
+    path: Path, shapes: dict[str, torch.Size], draw: Callable[[str, torch.Size], torch.Tensor]
+) -> None:
+    """A float32 safetensors file written tensor by tensor (peak: one tensor in memory)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(shapes):
+        size = 4 * shapes[name].numel()
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(shapes[name]),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name in sorted(shapes):
+            tensor = draw(name, shapes[name]).to(torch.float32).contiguous()
+            out.write(tensor.numpy().tobytes())
+
+
+def write_random_full_checkpoint(dest: Path, seed: int = 0) -> Path:
+    """Full-size random DiT, VAE and Qwen3 text encoder in the real layout under `dest`.
+
+    Starts from the tiny checkpoint (tokenizer files, every config field) and replaces the
+    configs by the real ones (from the key manifests in tests/fixtures) and the weights by
+    random ones at those sizes; the VAE's residual branches and output start small, as in
+    the tiny checkpoint, so random latents decode to finite audio.
+    """
+    from transformers import Qwen3Config, Qwen3Model
+
+    paths = CheckpointPaths(make_tiny_checkpoint(dest, seed=seed))
+    generator = torch.Generator().manual_seed(seed)
+
+    def manifest(name: str) -> dict:
+        return json.loads((FIXTURES / f"{name}.keys.json").read_text())["config"]
+
+    def draw(name: str, shape: torch.Size) -> torch.Tensor:
+        tensor = random_tensor(name, shape, generator)
+        if name.startswith(("encoder.", "decoder.")) and name.endswith("conv2.weight_g"):
+            tensor = tensor * (0.2 if name == "decoder.conv2.weight_g" else 0.1)
+        return tensor
+
+    dit_config = DIT_CONFIG | manifest("acestep-v15-turbo")
+    (paths.dit_dir / "config.json").write_text(json.dumps(dit_config, indent=2) + "\n")
+    with torch.device("meta"):
+        shapes = {k: t.shape for k, t in AceStepModel.from_config(dit_config).state_dict().items()}
+    write_safetensors(paths.dit_dir / "model.safetensors", shapes, draw)
+    channels = dit_config["audio_acoustic_hidden_dim"]
+    silence = 0.5 * torch.randn(1, channels, 1, generator=generator).expand(-1, -1, 15_000)
+    torch.save(silence.contiguous(), paths.dit_dir / "silence_latent.pt")
+
+    vae_config = VAE_CONFIG | manifest("vae")
+    (paths.vae_dir / "config.json").write_text(json.dumps(vae_config, indent=2) + "\n")
+    with torch.device("meta"):
+        shapes = {k: t.shape for k, t in OobleckVAE.from_config(vae_config).state_dict().items()}
+    write_safetensors(paths.vae_dir / "diffusion_pytorch_model.safetensors", shapes, draw)
+
+    text_config = Qwen3Config.from_json_file(paths.text_dir / "config.json")
+    for key, value in manifest("Qwen3-Embedding-0.6B").items():
+        setattr(text_config, key, value)
+    text_config.max_window_layers = text_config.num_hidden_layers
+    text_config.to_json_file(paths.text_dir / "config.json")
+    with torch.device("meta"):
+        shapes = {k: t.shape for k, t in Qwen3Model(text_config).state_dict().items()}
+    write_safetensors(paths.text_dir / "model.safetensors", shapes, draw)
+    return paths.root
+
+
+# -- our pipeline ---------------------------------------------------------------------------
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -37,62 +152,333 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def set_fast_paths(pipeline: Pipeline, enabled: bool) -> None:
+    """Switch every fast path of the model code on or off (results stay within tolerance)."""
+    pipeline.model.decoder.reuse_step_constants = enabled
+    pipeline.model.decoder.mask_free_attention = enabled
+    pipeline.model.decoder.banded_attention = enabled
+    pipeline.vae.fold_weight_norm = enabled
+
+
+class Recorder:
+    """Wraps the pipeline's model calls on the instance: condition-encoding time, its
+    inputs, the final latents and the raw VAE decode (for the output check)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.condition_s = 0.0
+        self.saved: dict[str, torch.Tensor] = {}
+        model, vae = pipeline.model, pipeline.vae
+        encode, diffuse, decode = model.encode_condition, pipeline.diffuse, vae.tiled_decode
+        device = pipeline.device
+
+        def timed_encode(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            start = time.perf_counter()
+            out = encode(*args)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.condition_s = time.perf_counter() - start
+            names = ("text_hidden", "text_mask", "lyric_hidden", "lyric_mask", "refer_latents")
+            self.saved.update(zip(names, args, strict=False))
+            self.saved["refer_order"] = args[-1]
+            return out
+
+        def kept_diffuse(*args: Any, **kwargs: Any) -> torch.Tensor:
+            self.saved["latents"] = latents = diffuse(*args, **kwargs)
+            return latents
+
+        def kept_decode(*args: Any, **kwargs: Any) -> torch.Tensor:
+            self.saved["audio"] = audio = decode(*args, **kwargs)
+            return audio
+
+        model.encode_condition = timed_encode
+        pipeline.diffuse = kept_diffuse
+        vae.tiled_decode = kept_decode
+
+
+def run_ours(
+    pipeline: Pipeline, duration: float, repeats: int, scratch: Path
+) -> tuple[dict[str, float], Recorder]:
+    """Warm-up, then `repeats` timed generations; median seconds per stage."""
+    recorder = Recorder(pipeline)
+    params = GenerationParams(caption=CAPTION, lyrics="[Instrumental]", duration_s=duration, seed=0)
+    pipeline.generate(params)
+    if pipeline.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipeline.device)
+    runs = []
+    for _ in range(repeats):
+        audio = pipeline.generate(params)
+        start = time.perf_counter()
+        write_audio(scratch / "benchmark.wav", audio.samples, audio.sample_rate)
+        stages = {
+            "text": audio.timings["text"] - recorder.condition_s,
+            "condition": recorder.condition_s,
+            "diffusion": audio.timings["diffusion"],
+            "vae": audio.timings["vae"],
+            "write": time.perf_counter() - start,
+        }
+        runs.append(stages | {"total": sum(stages.values())})
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}, recorder
+
+
+def ours_worker(args: argparse.Namespace) -> int:
+    """`--worker`: one duration in this fresh process; prints JSON, saves the check tensors."""
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    pipeline = Pipeline.load(CheckpointPaths(args.model_dir), args.device, DTYPES[args.dtype])
+    load_s = time.perf_counter() - start
+    set_fast_paths(pipeline, not args.no_fast_paths)
+    with tempfile.TemporaryDirectory() as scratch:
+        stages, recorder = run_ours(pipeline, args.durations[0], 1, Path(scratch))
+    saved = {k: t.cpu().contiguous() for k, t in recorder.saved.items()}
+    saved["seed"] = torch.tensor(0)
+    save_file(saved, args.worker)
+    peak = peak_memory_gib(pipeline.device)
+    print(json.dumps({"stages": stages, "load_s": load_s, "peak_gib": peak}))
+    return 0
+
+
+def subprocess_json(command: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{command[1]} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def relative_error(ours: torch.Tensor, official: torch.Tensor) -> float:
+    ours, official = ours.float().reshape(official.shape), official.float()
+    return float((ours - official).abs().max() / official.abs().max())
+
+
+def compare_with_official(
+    args: argparse.Namespace, checkpoint: Path, duration: float, scratch: Path
+) -> dict[str, Any]:
+    """Ours and the official code in alternating fresh processes, `--repeats` rounds each."""
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    ours_runs, official_runs = [], []
+    inputs, official_out = scratch / "ours.safetensors", scratch / "official.safetensors"
+    for _ in range(args.repeats):
+        command = [sys.executable, __file__, "--worker", str(inputs), "--model-dir"]
+        command += [str(checkpoint), "--device", args.device, "--dtype", args.dtype]
+        command += ["--durations", str(duration)] + (["--no-fast-paths"] * args.no_fast_paths)
+        ours_runs.append(subprocess_json(command, env))
+        command = [args.reference_python, str(REPO / "scripts" / "benchmark_official.py")]
+        command += ["--reference", str(args.reference), "--checkpoint", str(checkpoint)]
+        command += ["--inputs", str(inputs), "--out", str(official_out)]
+        command += ["--device", args.device, "--dtype", args.dtype]
+        official_runs.append(subprocess_json(command))
+    ours, official = load_file(inputs), load_file(official_out)
+    samples = min(ours["audio"].shape[-1], official["audio"].shape[-1])
+
+    def median(runs: list[dict], key: str) -> float:
+        return statistics.median(run["stages"][key] for run in runs)
+
+    return {
+        "ours": {key: median(ours_runs, key) for key in (*STAGES, "total")},
+        "official": {key: median(official_runs, key) for key in OFFICIAL_STAGES},
+        "ours_load_s": statistics.median(run["load_s"] for run in ours_runs),
+        "official_load_s": statistics.median(run["load_s"] for run in official_runs),
+        "ours_peak_gib": max(run["peak_gib"] for run in ours_runs),
+        "official_peak_gib": max(run["peak_gib"] for run in official_runs),
+        "latents_error": relative_error(ours["latents"], official["latents"]),
+        "decode_error": relative_error(
+            ours["audio"][..., :samples], official["audio"][..., :samples]
+        ),
+    }
+
+
+# -- the daemon -----------------------------------------------------------------------------
+
+
+def ask(path: Path, request: dict[str, Any]) -> list[dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(120)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(1 << 16):
+            chunks.append(chunk)
+    return [json.loads(line) for line in b"".join(chunks).splitlines()]
+
+
+def measure_daemon(checkpoint: Path, scratch: Path, requests: int) -> dict[str, float]:
+    """Load time, per-request overhead and `status` rate of a real daemon (tiny checkpoint)."""
+    sock = scratch / "daemon.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACESTEP_", "LISTEN_"))}
+    env.pop("NOTIFY_SOCKET", None)
+    env |= {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XDG_RUNTIME_DIR": str(scratch)}
+    command = [sys.executable, "-m", "acestep_daemon", "serve", "--socket", str(sock)]
+    start = time.perf_counter()
+    log = (scratch / "daemon.log").open("wb")
+    daemon = subprocess.Popen(
+        [*command, "--model-dir", str(checkpoint)], cwd=scratch, env=env, stdout=log, stderr=log
+    )
+    try:
+        while True:
+            if daemon.poll() is not None:
+                raise SystemExit(f"daemon exited:\n{(scratch / 'daemon.log').read_text()[-4000:]}")
+            try:
+                if ask(sock, {"command": "status"})[0].get("loaded"):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        ready_s = time.perf_counter() - start
+        overheads = []
+        for index in range(requests + 1):
+            request = {"caption": CAPTION, "duration_s": 1.0, "seed": index}
+            request["output"] = str(scratch / f"daemon-{index}.wav")
+            begin = time.perf_counter()
+            answer = ask(sock, request)[-1]
+            round_trip = time.perf_counter() - begin
+            if not answer.get("ok"):
+                raise SystemExit(f"daemon request failed: {answer}")
+            if index:  # the first one is the warm-up
+                overheads.append(round_trip - sum(answer["timings"].values()))
+        count, begin = 0, time.perf_counter()
+        while time.perf_counter() - begin < STATUS_SECONDS:
+            ask(sock, {"command": "status"})
+            count += 1
+        status_rate = count / (time.perf_counter() - begin)
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+        log.close()
+    return {
+        "ready_s": ready_s,
+        "overhead_ms": 1000 * statistics.median(overheads),
+        "status_per_s": status_rate,
+    }
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"device: {report['device']}, dtype: {report['dtype']}, torch {report['torch']}, "
+        f"threads: {report['threads']}, fast paths: {'on' if report['fast_paths'] else 'off'}, "
+        f"model: {report['model']}, load: {report['load_s']:.1f} s",
+        "",
+        "| duration (s) | text (s) | condition (s) | diffusion (s) | VAE decode (s) "
+        "| write (s) | total (s) | × real time | peak memory (GiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["durations"]:
+        s = row["ours"]
+        cells = [f"{s[key]:.3f}" for key in (*STAGES, "total")]
+        lines.append(
+            f"| {row['duration_s']:g} | {' | '.join(cells)} | {row['duration_s'] / s['total']:.2f} "
+            f"| {row['ours_peak_gib']:.2f} |"
+        )
+    rows = [row for row in report["durations"] if "official" in row]
+    if rows:
+        lines += [
+            "",
+            "Official / ours (same weights and inputs, alternating processes):",
+            "",
+            "| duration (s) | condition | diffusion | VAE decode | DiT + VAE | official peak (GiB) "
+            "| latents error | decode error |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            o, s = row["official"], row["ours"]
+            ratios = [f"{o[k]:.2f} / {s[k]:.2f} = {o[k] / s[k]:.2f}×" for k in OFFICIAL_STAGES]
+            both_o, both_s = o["diffusion"] + o["vae"], s["diffusion"] + s["vae"]
+            ratios.append(f"{both_o:.2f} / {both_s:.2f} = {both_o / both_s:.2f}×")
+            lines.append(
+                f"| {row['duration_s']:g} | {' | '.join(ratios)} | {row['official_peak_gib']:.2f} "
+                f"| {row['latents_error']:.1e} | {row['decode_error']:.1e} |"
+            )
+    if "daemon" in report:
+        d = report["daemon"]
+        lines += [
+            "",
+            f"daemon (tiny checkpoint): ready {d['ready_s']:.2f} s after start, overhead "
+            f"{d['overhead_ms']:.1f} ms per request (round trip − pipeline, WAV write "
+            f"included), `status` {d['status_per_s']:.0f} requests/s",
+        ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model-dir", type=Path, help="checkpoint folder (default: HF cache)")
-    source.add_argument("--model", choices=["tiny"], help="benchmark a fresh tiny checkpoint")
-    parser.add_argument("--dit", choices=tuple(MODELS), default=DEFAULT_MODEL, help="the model")
-    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
+    source.add_argument("--model", choices=["tiny"], help="a fresh tiny checkpoint")
+    source.add_argument(
+        "--random-full",
+        nargs="?",
+        const=True,
+        metavar="DIR",
+        help="full-size random weights (in DIR, written there once and reused, if given)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--durations", type=float, nargs="+", default=[10.0, 30.0, 240.0])
+    parser.add_argument("--durations", type=float, nargs="+", default=list(DEFAULT_DURATIONS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--vae-chunk", type=int, default=DECODE_CHUNK_FRAMES, help="VAE chunk in latent frames"
-    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--no-fast-paths", action="store_true", help="switch fast paths off")
+    parser.add_argument("--reference", type=Path, help="official ACE-Step 1.5 checkout")
+    parser.add_argument("--reference-python", default=sys.executable)
+    parser.add_argument("--daemon-requests", type=int, default=DAEMON_REQUESTS)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        return ours_worker(args)
 
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        tiny = make_tiny_checkpoint(scratch / "tiny")
         if args.model == "tiny":
-            tiny = make_tiny_checkpoint(Path(scratch) / "tiny", variant=args.dit)
-            checkpoint = resolve_checkpoint(tiny, model=args.dit)
+            checkpoint = tiny
+        elif args.random_full:
+            folder = scratch / "random-full" if args.random_full is True else Path(args.random_full)
+            done = folder / "complete"
+            checkpoint = folder if done.exists() else write_random_full_checkpoint(folder)
+            done.touch()
         else:
-            checkpoint = resolve_checkpoint(args.model_dir, model=args.dit)
-        dtype = DTYPES[args.dtype] if args.dtype else None
-        pipeline = Pipeline.load(checkpoint, device=args.device, dtype=dtype, model=args.dit)
-        device = pipeline.device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        steps = args.steps or MODELS[args.dit].steps
-        print(f"device: {name}, dtype: {pipeline.dtype}, model: {args.dit}, {steps} steps")
-        print()
-        print(
-            "| duration (s) | text (s) | diffusion (s) | VAE (s) | total (s) | × real time "
-            "| peak memory (GiB) |"
+            checkpoint = resolve_checkpoint(args.model_dir).root
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu")
+            if args.device == "auto"
+            else args.device
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        args.device = str(device)
+        args.dtype = args.dtype or next(k for k, v in DTYPES.items() if v == default_dtype(device))
+        report: dict[str, Any] = {
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "dtype": args.dtype,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "fast_paths": not args.no_fast_paths,
+            "model": "tiny" if args.model else "random-full" if args.random_full else "checkpoint",
+            "durations": [],
+        }
+        pipeline = None
+        if not args.reference:  # with it, each side loads in its own process, one at a time
+            start = time.perf_counter()
+            pipeline = Pipeline.load(CheckpointPaths(checkpoint), device, DTYPES[args.dtype])
+            report["load_s"] = time.perf_counter() - start
+            set_fast_paths(pipeline, not args.no_fast_paths)
         for duration in args.durations:
-            params = GenerationParams(
-                caption="benchmark: upbeat jazz trio",
-                duration_s=duration,
-                lyrics="[Instrumental]",
-                seed=0,
-                steps=args.steps,
-            )
-            pipeline.generate(params, vae_chunk_frames=args.vae_chunk)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            runs = [
-                pipeline.generate(params, vae_chunk_frames=args.vae_chunk).timings
-                for _ in range(args.repeats)
-            ]
-            stage = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-            total = sum(stage.values())
-            print(
-                f"| {duration:g} | {stage['text']:.3f} | {stage['diffusion']:.3f} "
-                f"| {stage['vae']:.3f} | {total:.3f} | {duration / total:.1f} "
-                f"| {peak_memory_gib(device):.2f} |"
-            )
+            if pipeline is None:
+                row = compare_with_official(args, checkpoint, duration, scratch)
+                report.setdefault("load_s", row["ours_load_s"])
+            else:
+                stages, _ = run_ours(pipeline, duration, args.repeats, scratch)
+                row = {"ours": stages, "ours_peak_gib": peak_memory_gib(device)}
+            report["durations"].append({"duration_s": duration, **row})
+        if args.daemon_requests > 0:
+            report["daemon"] = measure_daemon(tiny, scratch, args.daemon_requests)
+    print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
 
 

@@ -24,3 +24,22 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from acestep_daemon.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random 5 Hz LM folder (seed 0, `acestep-5Hz-lm-0.6B` layout); read-only."""
+    from acestep_daemon.tiny.lm import LM_FOLDER, write_tiny_lm
+
+    return write_tiny_lm(tmp_path_factory.mktemp("tiny-lm") / LM_FOLDER)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_with_lm(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_lm_dir: Path
+) -> Path:
+    """A model folder holding the tiny checkpoint's folders and the tiny LM's (links)."""
+    root = tmp_path_factory.mktemp("with-lm")
+    for folder in (*tiny_checkpoint.iterdir(), tiny_lm_dir):
+        (root / folder.name).symlink_to(folder, target_is_directory=True)
+    return root

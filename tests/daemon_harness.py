@@ -50,6 +50,21 @@ def send(path: Path, data: bytes, *, timeout: float = 120.0) -> list[bytes]:
     return b"".join(chunks).splitlines(keepends=True)
 
 
+def wait_running(sock: socket.socket) -> None:
+    """Read a progress client's lines up to the first one of a running stage (not "queued").
+
+    Reads byte by byte, so that the rest of the answer stays in the socket.
+    """
+    while True:
+        line = b""
+        while not line.endswith(b"\n"):
+            byte = sock.recv(1)
+            assert byte, f"the daemon closed the connection after {line!r}"
+            line += byte
+        if json.loads(line).get("progress", {}).get("stage") != "queued":
+            return
+
+
 def ask(path: Path, request: dict[str, Any], *, timeout: float = 120.0) -> list[dict[str, Any]]:
     """One request object → the answer lines, parsed."""
     lines = send(path, json.dumps(request).encode() + b"\n", timeout=timeout)
@@ -98,11 +113,18 @@ class Daemon:
         return self.proc.wait(timeout)
 
 
-def spawn(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
-    """Start `acestep serve --socket tmp/d.sock *args` (args name the model)."""
-    sock = tmp / "d.sock"
+def spawn(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, default_socket: Path | None = None
+) -> Daemon:
+    """Start `acestep serve --socket tmp/d.sock *args` (args name the model).
+
+    With `default_socket`, no --socket is given: the daemon is expected to pick that path.
+    """
+    sock = default_socket or tmp / "d.sock"
     log = tmp / f"daemon-{time.monotonic_ns()}.log"
-    command = [sys.executable, "-m", "acestep_daemon", "serve", "--socket", str(sock)]
+    command = [sys.executable, "-m", "acestep_daemon", "serve"]
+    if default_socket is None:
+        command += ["--socket", str(sock)]
     with log.open("wb") as err:
         proc = subprocess.Popen(
             [*command, *args],

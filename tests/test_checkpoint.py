@@ -176,7 +176,7 @@ def test_failed_download_is_a_checkpoint_error_saying_how_to_get_the_weights(
     hub.fail_download = ConnectionError("Name or service not known")
     with pytest.raises(CheckpointError, match="could not download") as info:
         resolve_checkpoint(None)
-    assert "huggingface-cli download ACE-Step/Ace-Step1.5 --include" in str(info.value)
+    assert "hf download ACE-Step/Ace-Step1.5 --include" in str(info.value)
 
 
 def run_resolve(hf_home: Path) -> subprocess.CompletedProcess[str]:
@@ -201,7 +201,7 @@ def test_offline_with_an_empty_cache_says_how_to_get_the_weights(tmp_path: Path)
     assert "no copy of ACE-Step/Ace-Step1.5 in the Hugging Face cache" in message
     assert "HF_HUB_OFFLINE" in message
     assert (
-        "huggingface-cli download ACE-Step/Ace-Step1.5 --include "
+        "hf download ACE-Step/Ace-Step1.5 --include "
         "'acestep-v15-turbo/*' 'vae/*' 'Qwen3-Embedding-0.6B/*'" in message
     )
     assert "--model-dir" in message and "ACESTEP_MODEL_DIR" in message

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from acestep_daemon import cli
+from acestep_daemon import cli, client
 from acestep_daemon.params import GenerationParams
 from acestep_daemon.protocol import GenerateRequest
 
@@ -45,8 +45,9 @@ def test_caption_is_a_flag_on_both_and_positional_on_request() -> None:
 
 
 def test_caption_given_twice_is_refused() -> None:
-    with pytest.raises(SystemExit, match="once"):
+    with pytest.raises(client.ClientError, match="once") as refused:
         cli.build_request(parser().parse_args(["request", "a", "-c", "b"]))
+    assert refused.value.status == client.EXIT_USAGE
 
 
 def test_relative_paths_go_on_the_wire_absolute(tmp_path: Path, monkeypatch) -> None:

@@ -123,3 +123,14 @@ def test_missing_checkpoint_file_is_named(tiny_checkpoint, tmp_path):
     assert result.returncode != 0
     assert "vae/diffusion_pytorch_model.safetensors" in result.stderr
     assert not (tmp_path / "out.wav").exists()
+
+
+def test_generate_with_thinking_reports_what_the_planner_chose(tiny_checkpoint_with_lm, tmp_path):
+    output = tmp_path / "planned.wav"
+    flags = ("--thinking", "metas", "--lm", "0.6B", "--bpm", "100", "-d", "2", "-s", "3")
+    answer = summary(
+        generate(tiny_checkpoint_with_lm, "-c", "warm jazz", *flags, "-o", str(output))
+    )
+    assert answer["ok"] is True and output.is_file()
+    assert answer["thinking"]["mode"] == "metas"
+    assert set(answer["thinking"]["inferred"]) == {"key", "time_signature", "language"}

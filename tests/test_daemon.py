@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from tests.daemon_harness import REPO, Daemon, ask, running
+from tests.daemon_harness import REPO, Daemon, ask, running, wait_running
 
 DURATION_S = 1.0
 
@@ -106,14 +106,16 @@ def test_progress_lines_come_in_order_before_the_final_line(daemon: Daemon, tmp_
     output = tmp_path / "progress.flac"
     request = {"caption": "p", "duration_s": DURATION_S, "progress": True, "output": str(output)}
     answers = ask(daemon.socket, request)
-    *progress, final = answers
+    queued, *progress, final = answers
     assert final["ok"] is True and final["path"] == str(output)
+    assert queued == {"progress": {"stage": "queued", "position": 0}}
     steps = [(p["progress"]["stage"], p["progress"]["step"], p["progress"]["of"]) for p in progress]
-    assert steps[0] == ("text", 0, 1)
-    assert [s for s in steps if s[0] == "diffusion"] == [("diffusion", i, 8) for i in range(8)]
+    assert steps[:2] == [("text", 0, 1), ("text", 1, 1)]
+    assert [s for s in steps if s[0] == "diffusion"] == [("diffusion", i, 8) for i in range(9)]
     vae = [s for s in steps if s[0] == "vae"]
-    assert vae and vae == [("vae", i, vae[0][2]) for i in range(vae[0][2])]
+    assert vae and vae == [("vae", i, vae[0][2]) for i in range(vae[0][2] + 1)]
     assert steps == sorted(steps, key=lambda s: ("text", "diffusion", "vae").index(s[0]))
+    assert steps[-1] == ("vae", vae[0][2], vae[0][2])  # every stage ends at n of n
 
 
 def test_fifty_concurrent_clients_get_one_answer_each(daemon: Daemon, tmp_path: Path):
@@ -151,7 +153,7 @@ def test_hangup_while_queued_cancels_job_before_it_runs(daemon: Daemon, tmp_path
         running_client.connect(str(daemon.socket))
         running_client.sendall(json.dumps(long_request).encode() + b"\n")
         running_client.shutdown(socket.SHUT_WR)
-        running_client.recv(1)  # the first progress line: the long job runs
+        wait_running(running_client)  # the first progress line: the long job runs
         queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         queued.connect(str(daemon.socket))
         hung_up = tmp_path / "hung-up.wav"
@@ -196,11 +198,15 @@ def test_acestep_request_prints_the_answer(daemon: Daemon, tmp_path: Path):
     assert_complete_audio(output, 1.0)
     status = acestep("request", "--command", "status", *sock)
     assert status.returncode == 0 and json.loads(status.stdout)["loaded"] is True
-    progress = acestep("request", "p", "--duration", "1", "--progress", *sock)
-    lines = [json.loads(line) for line in progress.stdout.splitlines()]
-    assert "progress" in lines[0] and lines[-1]["ok"] is True
+    progress = acestep("request", "-c", "p", "--duration", "1", "--progress", *sock)
+    assert json.loads(progress.stdout)["ok"] is True
+    assert all("progress" in json.loads(line) for line in progress.stderr.splitlines())
+    assert progress.stderr
     refused = acestep("request", "--json", '{"caption": "x", "output": "relative.wav"}', *sock)
     assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == "invalid_request"
+    assert "must be an absolute path" in refused.stderr
+    bad = acestep("request", "--json", "{oops", *sock)
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_hangup_while_running_cancels_between_steps(daemon: Daemon, tmp_path: Path):
@@ -211,7 +217,7 @@ def test_hangup_while_running_cancels_between_steps(daemon: Daemon, tmp_path: Pa
         client.connect(str(daemon.socket))
         client.sendall(json.dumps(request).encode() + b"\n")
         client.shutdown(socket.SHUT_WR)
-        client.recv(1)  # the job is running
+        wait_running(client)  # the job is running
     deadline = time.monotonic() + 30
     while (status := daemon.status())["busy"]:
         assert time.monotonic() < deadline
@@ -256,7 +262,7 @@ def test_bad_requests_are_refused_at_once_while_a_long_job_runs(daemon: Daemon, 
         running_client.connect(str(daemon.socket))
         running_client.sendall(json.dumps(long_request).encode() + b"\n")
         running_client.shutdown(socket.SHUT_WR)
-        running_client.recv(1)  # the long job runs
+        wait_running(running_client)  # the long job runs
         for request, field in bad_requests:
             answer = daemon.ask(request, timeout=10)
             assert answer["ok"] is False and answer["code"] == "invalid_request", answer

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import REPO, Daemon, ask, daemon_env, running, spawn
+from tests.daemon_harness import REPO, Daemon, ask, daemon_env, running, spawn, wait_running
 
 
 def test_sigterm_lets_the_running_job_finish_and_refuses_the_queue(tmp_path: Path):
@@ -36,7 +36,7 @@ def test_sigterm_lets_the_running_job_finish_and_refuses_the_queue(tmp_path: Pat
         first.connect(str(daemon.socket))
         first.sendall(json.dumps(long_request).encode() + b"\n")
         first.shutdown(socket.SHUT_WR)
-        first.recv(1)  # a progress line: the long job is running
+        wait_running(first)  # a progress line: the long job is running
         queued: list[list[dict]] = [[], []]
 
         def client(i: int) -> None:
@@ -250,7 +250,7 @@ def test_running_job_past_the_grace_period_is_stopped(tmp_path: Path, tiny_check
         client.connect(str(daemon.socket))
         client.sendall(json.dumps(request).encode() + b"\n")
         client.shutdown(socket.SHUT_WR)
-        client.recv(1)  # running
+        wait_running(client)  # running
         daemon.proc.send_signal(signal.SIGINT)
         answers = client.makefile("rb").read().splitlines()
     assert json.loads(answers[-1])["code"] == "shutting_down"
@@ -267,7 +267,7 @@ def test_second_signal_exits_at_once_during_the_grace_period(tmp_path: Path, tin
         client.connect(str(daemon.socket))
         client.sendall(json.dumps(request).encode() + b"\n")
         client.shutdown(socket.SHUT_WR)
-        client.recv(1)  # running
+        wait_running(client)  # running
         daemon.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while "shutting down" not in daemon.stderr():

@@ -1,20 +1,64 @@
-"""SKILL.md is checked against protocol.py: its fields, codes and example are the real ones."""
+"""SKILL.md and README are checked against protocol.py: their fields, codes, examples are real."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
 
 from acestep_daemon.protocol import ErrorCode, GenerateRequest, parse_request
 from tests.daemon_harness import REPO
 
 SKILL = REPO / "skills" / "generate_music" / "SKILL.md"
+README = REPO / "README.md"
+DOCS = (SKILL, README)
+HOME = "/home/agent"
+"""What `$HOME` stands for when an example is read as the shell would expand it."""
 
 
 def _first_column_names(text: str) -> set[str]:
     """Backticked names in the first column of every markdown table row."""
     rows = re.findall(r"^\| (.+?) \|", text, re.M)
     return {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+
+
+def front_matter(text: str) -> dict[str, Any]:
+    match = re.match(r"---\n(.*?)\n---\n", text, re.S)
+    assert match, "SKILL.md starts with a YAML front matter block"
+    return yaml.safe_load(match.group(1))
+
+
+def json_examples(text: str) -> list[dict[str, Any]]:
+    """Every JSON object written in the text (`{"…` onwards), with `$HOME` expanded."""
+    text = text.replace("$HOME", HOME)
+    decoder = json.JSONDecoder()
+    found = []
+    position = 0
+    while (start := text.find('{"', position)) != -1:
+        try:
+            obj, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError as error:
+            line = text[start : text.find("\n", start)]
+            raise AssertionError(f"not valid JSON: {line!r} ({error})") from None
+        found.append(obj)
+        position = end
+    return found
+
+
+def test_skill_front_matter_is_yaml_for_spacebot():
+    meta = front_matter(SKILL.read_text())
+    assert meta["name"] == SKILL.parent.name
+    assert meta["platforms"] == ["linux"]
+    description = meta["description"]
+    assert description.startswith("Use when ")
+    assert len(description) <= 160, len(description)
 
 
 def test_skill_fields_and_codes_exist_in_the_protocol():
@@ -25,8 +69,70 @@ def test_skill_fields_and_codes_exist_in_the_protocol():
     assert codes <= names
 
 
-def test_skill_socat_example_is_a_valid_request():
-    example = re.search(r"echo '(\{.*?\})'", SKILL.read_text())
-    assert example is not None
-    request = parse_request(example.group(1).encode())
-    assert isinstance(request, GenerateRequest) and request.output
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_json_example_is_a_valid_request_or_answer(doc: Path):
+    examples = json_examples(doc.read_text())
+    requests = [e for e in examples if "ok" not in e and "progress" not in e]
+    assert requests
+    for example in requests:
+        parse_request(json.dumps(example).encode())
+    for answer in (e for e in examples if "ok" in e):
+        assert isinstance(answer["ok"], bool)
+        if not answer["ok"]:
+            assert answer["code"] in typing.get_args(ErrorCode), answer
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_no_example_writes_to_tmp(doc: Path):
+    text = doc.read_text()
+    for example in json_examples(text):
+        for field in ("output", "path"):
+            assert not str(example.get(field, "")).startswith("/tmp"), example
+    assert not re.search(r"(-o|--output) /tmp", text)
+
+
+def test_skill_outputs_are_absolute_paths_under_home_in_small_formats():
+    requests = [e for e in json_examples(SKILL.read_text()) if "caption" in e]
+    assert requests
+    for request in requests:
+        assert request["output"].startswith(HOME + "/")
+        assert Path(request["output"]).suffix in {".ogg", ".opus", ".mp3"}
+
+
+def test_skill_says_what_the_sandbox_needs():
+    text = SKILL.read_text()
+    for needed in ("timeout_seconds", "send_file", "{baseDir}/scripts/acestep-request"):
+        assert needed in text
+    assert "/run/user/<uid>/ace-step-gen.sock" in text
+    assert "UNIX-CONNECT" not in text and "acestep request" not in text  # not in the sandbox
+    assert (SKILL.parent / "scripts" / "acestep-request").is_file()
+
+
+def _help(subcommand: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "acestep_daemon", subcommand, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
+def test_readme_commands_use_flags_that_help_lists():
+    """Every `acestep SUB …` / `scripts/serve …` line in README's code blocks, against --help."""
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", README.read_text(), re.S)
+    helps: dict[str, str] = {}
+    checked = 0
+    for line in (line for block in blocks for line in block.splitlines()):
+        match = re.match(r"(?:acestep (\S+)|scripts/(serve))\b(.*)", line.split("#")[0])
+        if not match:
+            continue
+        subcommand, rest = match.group(1) or match.group(2), match.group(3)
+        own, _, serve_flags = rest.partition(" -- ")
+        for name, text in ((subcommand, own), ("serve", serve_flags)):
+            for flag in re.findall(r"(?<!\S)(--?[a-z][\w-]*)", text):
+                helps.setdefault(name, _help(name))
+                assert re.search(rf"(?<![\w-]){flag}\b", helps[name]), (line, flag)
+                checked += 1
+    assert checked > 10

@@ -25,6 +25,7 @@ LAYERS = {
     "options": 0,
     "paths": 0,
     "sdnotify": 0,
+    "client": 0,
     "units": 0,
     "protocol": 1,
     "model": 1,
@@ -33,6 +34,7 @@ LAYERS = {
     "checkpoint": 2,
     "adapters": 2,
     "tiny": 3,
+    "planner": 3,
     "pipeline": 4,
     "memory": 5,
     "faults": 5,
@@ -105,4 +107,4 @@ def test_generate_does_not_import_the_server():
         if isinstance(node, ast.ImportFrom)
         for alias in node.names
     }
-    assert not imported & {"server", "connection", "manager", "acestep_daemon.server"}
+    assert not imported & {"server", "acestep_daemon.server"}

@@ -1,4 +1,5 @@
-"""The DiT's fast paths (reused step constants, mask-free attention) change no result."""
+"""The DiT's fast paths (reused step constants, mask-free and banded attention) change no
+result beyond the dtype's rounding."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from model_fixtures import TINY, load_tiny_model, relative_error
 from safetensors.torch import load_file
 
 from acestep_daemon.model import AceStepModel, RepaintInputs, sample_turbo
-from acestep_daemon.model.dit import DiT
+from acestep_daemon.model.attention import Band, additive_mask
+from acestep_daemon.model.dit import BAND_MIN_WINDOWS, DiT
 
 CONDITION = ("text_hidden", "text_mask", "lyric_hidden", "lyric_mask", "refer_latents")
 
@@ -23,6 +25,7 @@ def cases() -> dict[str, torch.Tensor]:
 def set_fast_paths(model: AceStepModel, enabled: bool) -> AceStepModel:
     model.decoder.reuse_step_constants = enabled
     model.decoder.mask_free_attention = enabled
+    model.decoder.banded_attention = enabled
     return model
 
 
@@ -130,3 +133,48 @@ def test_mask_free_attention_builds_no_dense_mask_where_every_key_is_attended() 
     dense = model.decoder.step_constants(hidden, 5, torch.float32)
     assert dense.full_mask.shape == dense.sliding_mask.shape == (1, 1, 5, 5)
     assert dense.cross_mask.shape == (1, 1, 5, 3)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(("length", "window", "block"), [(37, 4, 8), (300, 16, 32), (5, 4, 8)])
+def test_banded_attention_equals_the_dense_band_mask(
+    dtype: torch.dtype, tolerance: float, length: int, window: int, block: int
+) -> None:
+    generator = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(2, 3, length, 16, generator=generator).to(dtype) for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=additive_mask(length, dtype, q.device, window), scale=0.25
+    )
+    banded = Band.build(length, window, block, dtype, q.device).attend(q, k, v, 0.25)
+    assert relative_error(banded, dense) <= tolerance
+
+
+def test_banded_attention_is_wrong_with_a_wrong_window() -> None:
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=generator) for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=additive_mask(40, torch.float32, q.device, 4)
+    )
+    assert (
+        relative_error(
+            Band.build(40, 5, 8, torch.float32, q.device).attend(q, k, v, 8**-0.5), dense
+        )
+        > 1e-2
+    )
+
+
+@torch.no_grad()
+def test_dit_with_banded_sliding_layers_tracks_the_dense_masks(cases: dict) -> None:
+    model = load_tiny_model()  # window 4: banded above 32 patches
+    frames = 2 * BAND_MIN_WINDOWS * 4 + 6  # 35 patches
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, frames, 64, generator=generator)
+    context = torch.randn(2, frames, 128, generator=generator)
+    t = torch.tensor([0.9, 0.6])
+    hidden = cases["dit_t21.encoder_hidden"]
+    constants = model.decoder.step_constants(hidden, (frames + 1) // 2, torch.float32)
+    assert isinstance(constants.sliding_mask, Band)
+    fast = model.decoder(x, t, t, hidden, context)
+    model.decoder.banded_attention = False
+    dense = model.decoder(x, t, t, hidden, context)
+    assert relative_error(fast, dense) <= 1e-6

@@ -78,7 +78,8 @@ def test_progress_reports_every_stage_in_order(pipeline):
     )
     stages = [stage for stage, _, _ in events]
     assert stages[0] == "text"
-    assert [e for e in events if e[0] == "diffusion"] == [("diffusion", k, 8) for k in range(8)]
+    assert [e for e in events if e[0] == "diffusion"] == [("diffusion", k, 8) for k in range(9)]
+    assert events[1] == ("text", 1, 1) and events[-1][1] == events[-1][2]
     assert stages.index("vae") > stages.index("diffusion")
     assert stages[-1] == "vae"
 

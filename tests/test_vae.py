@@ -167,7 +167,6 @@ def test_parametrization_key_names_load_as_weight_g_and_weight_v(reference: dict
 )
 def test_subtly_wrong_port_fails_the_parity_check(
     monkeypatch: pytest.MonkeyPatch,
-    vae: OobleckVAE,
     reference: dict,
     owner: type,
     name: str,
@@ -175,7 +174,7 @@ def test_subtly_wrong_port_fails_the_parity_check(
 ) -> None:
     monkeypatch.setattr(owner, name, wrong)
     with torch.no_grad():
-        audio = vae.decode(reference["decode.latents"])
+        audio = load_tiny().decode(reference["decode.latents"])  # no folded weights yet
     with pytest.raises(AssertionError):
         assert_close(audio, reference["decode.audio"])
 
@@ -234,3 +233,40 @@ def test_tiled_encode_equals_full_encode(vae: OobleckVAE, seconds: float) -> Non
 def test_tiled_encode_rejects_an_overlap_that_leaves_no_core(vae: OobleckVAE) -> None:
     with pytest.raises(ValueError, match="chunk_samples"):
         vae.tiled_encode(torch.zeros(1, 2, 48_000), 19_200, 9_600)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_weight_norm_changes_no_sample_and_follows_the_weights(
+    reference: dict, dtype: torch.dtype
+) -> None:
+    vae = load_tiny().to(dtype)
+    latents, audio = reference["decode.latents"].to(dtype), reference["encode.audio"].to(dtype)
+    with torch.no_grad():
+        vae.fold_weight_norm = False
+        assert not vae.fold_weight_norm
+        slow = vae.decode(latents), vae.encode(audio)[0]
+        vae.fold_weight_norm = True
+        fast = [vae.decode(latents), vae.encode(audio)[0]]
+        fast.append(vae.decode(latents))  # second call: reused weights
+    assert torch.equal(fast[0], slow[0])
+    assert torch.equal(fast[1], slow[1])
+    assert torch.equal(fast[2], slow[0])
+    assert sorted(vae.state_dict()) == sorted(load_file(TINY_WEIGHTS))  # still only g and v
+    with torch.no_grad():
+        vae.decoder.conv2.weight_g.mul_(2)  # changed in place: the fold is redone
+        assert not torch.equal(vae.decode(latents), slow[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_snake_in_place_without_gradients_equals_the_reference_formula(dtype: torch.dtype) -> None:
+    snake = Snake1d(3)
+    with torch.no_grad():
+        snake.alpha.normal_(0, 0.5)
+        snake.beta.normal_(0, 0.5)
+    snake.to(dtype)
+    x = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.no_grad():
+        fast = snake(x)
+    alpha, beta = snake.alpha.exp(), snake.beta.exp()
+    slow = x + (beta + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+    assert torch.equal(fast, slow.detach())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +70,48 @@ def additive_mask(
     return mask.masked_fill(keep, 0.0)
 
 
+@dataclass(frozen=True)
+class Band:
+    """Sliding-window attention (|i - j| <= window) computed block by block.
+
+    Each block of queries attends only to the keys within `window` of it, under a small
+    additive mask; a dense [S, S] mask costs O(S^2) memory and compute where only
+    O(S · window) entries matter. Keys outside the window get exactly zero weight either
+    way, so the result equals the dense one up to the order of the softmax sums.
+    """
+
+    blocks: tuple[tuple[int, int, int, int, torch.Tensor], ...]
+    """(query start, query end, key start, key end, mask [1, 1, Bq, Bk]) per block."""
+
+    @classmethod
+    def build(
+        cls, length: int, window: int, block: int, dtype: torch.dtype, device: torch.device
+    ) -> Band:
+        blocks = []
+        for start in range(0, length, block):
+            end = min(start + block, length)
+            low, high = max(0, start - window), min(length, end + window)
+            queries = torch.arange(start, end, device=device)
+            keys = torch.arange(low, high, device=device)
+            keep = (queries[:, None] - keys[None, :]).abs() <= window  # [Bq, Bk]
+            mask = torch.zeros(keep.shape, dtype=dtype, device=device)
+            mask = mask.masked_fill(~keep, torch.finfo(dtype).min)[None, None]
+            blocks.append((start, end, low, high, mask))
+        return cls(tuple(blocks))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """q, k, v [B, H, S, head_dim] -> [B, H, S, head_dim]."""
+        parts = [
+            F.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, low:high], v[:, :, low:high], mask, scale=scale
+            )
+            for start, end, low, high, mask in self.blocks
+        ]
+        return torch.cat(parts, dim=2)
+
+
 def self_attention_masks(
     config: AceStepConfig,
     length: int,
@@ -125,12 +169,13 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | Band | None,
         cos_sin: Rope | None = None,
         context: torch.Tensor | None = None,
         keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x [B, S, D] -> [B, S, D]; mask: additive [1 or B, 1, S, Sk], None = attend to all.
+        """x [B, S, D] -> [B, S, D]; mask: additive [1 or B, 1, S, Sk], a `Band`, or None
+        (attend to all).
 
         Keys/values come from `keys_values` (see the method of that name) when given, else
         from `context` [B, Sc, D] (cross-attention), else from x. `cos_sin` rotates queries
@@ -143,5 +188,9 @@ class Attention(nn.Module):
         if cos_sin is not None:
             q = apply_rope(q, cos_sin)
         k, v = keys_values
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        scale = self.head_dim**-0.5
+        if isinstance(mask, Band):
+            y = mask.attend(q, k, v, scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))  # [B, S, D]

@@ -10,13 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, Rope, additive_mask, rope
+from .attention import Attention, Band, Rope, additive_mask, rope
 from .config import AceStepConfig
 from .layers import MLP, RMSNorm, Transpose
 
 TIMESTEP_SCALE = 1000.0
 TIMESTEP_FEATURES = 256
 MAX_PERIOD = 10_000
+BAND_MIN_WINDOWS = 8
+"""Banded attention starts above this many windows of patches (1024 patches, 82 s, for the
+turbo window of 128): below it the dense mask costs little, and the results stay bit for bit
+those of the official dense-mask attention."""
+BAND_BLOCK_WINDOWS = 2
+"""Queries per band block, in windows: each block reads its queries plus a window either side."""
 
 
 def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -68,7 +74,7 @@ class DiTLayer(nn.Module):
         self,
         x: torch.Tensor,
         modulation: torch.Tensor,
-        self_mask: torch.Tensor | None,
+        self_mask: torch.Tensor | Band | None,
         cos_sin: Rope,
         cross_keys_values: tuple[torch.Tensor, torch.Tensor],
         cross_mask: torch.Tensor | None,
@@ -95,7 +101,7 @@ class StepConstants:
     patches: int
     cos_sin: Rope
     full_mask: torch.Tensor | None  # [1, 1, P, P] additive, None = attend to all
-    sliding_mask: torch.Tensor | None
+    sliding_mask: torch.Tensor | Band | None
     cross_mask: torch.Tensor | None  # [1, 1, P, Sc] zeros, or None
 
 
@@ -142,6 +148,10 @@ class DiT(nn.Module):
         self.mask_free_attention = True
         """Fast path: pass no mask where every key is attended (full layers, cross-attention,
         and sliding layers whose window covers the sequence) instead of an all-zero one."""
+        self.banded_attention = True
+        """Fast path: sliding layers attend block by block to the keys within their window
+        (`Band`) once the sequence is longer than BAND_MIN_WINDOWS windows, instead of
+        under a dense [P, P] mask."""
         self._cache: dict[int, _CachedConstants] = {}
 
     def step_constants(
@@ -156,7 +166,9 @@ class DiT(nn.Module):
         if not self.mask_free_attention:  # the official dense masks
             full = additive_mask(patches, dtype, device)
             cross_mask = torch.zeros(1, 1, patches, condition.shape[1], dtype=dtype, device=device)
-        if not self.mask_free_attention or patches - 1 > window:
+        if self.banded_attention and patches > BAND_MIN_WINDOWS * window:
+            sliding = Band.build(patches, window, BAND_BLOCK_WINDOWS * window, dtype, device)
+        elif not self.mask_free_attention or patches - 1 > window:
             sliding = additive_mask(patches, dtype, device, window)
         cos_sin = rope(patches, self.config, dtype, device)
         return StepConstants(cross, patches, cos_sin, full, sliding, cross_mask)
@@ -179,6 +191,7 @@ class DiT(nn.Module):
             patches,
             dtype,
             self.mask_free_attention,
+            self.banded_attention,
             *((w.data_ptr(), _version(w)) for w in weights),
             *(tuple(m._forward_hooks) for m in projections),  # a LoRA applied or removed
         )

@@ -7,7 +7,9 @@ Our own port of diffusers' ``AutoencoderOobleck`` as ACE-Step v1.5 configures it
 - every convolution is weight-normalised and keeps the stored ``weight_g`` / ``weight_v``
   tensors as plain parameters; the fused weight w = g · v / ‖v‖ (norm over every dim but
   dim 0, i.e. per output channel of a Conv1d and per *input* channel of a ConvTranspose1d)
-  is computed in each forward, as ``torch.nn.utils.weight_norm`` does;
+  is computed by the same kernel as ``torch.nn.utils.weight_norm``, once and then reused while
+  g and v stay unchanged (``OobleckVAE.fold_weight_norm``, on by default; off recomputes it
+  in each forward as the reference does);
 - Snake1d keeps ``alpha`` / ``beta`` in log space.
 
 The module has no buffers, so it can be built under ``torch.device("meta")`` and filled with
@@ -86,11 +88,26 @@ class _WeightNormed(nn.Module):
         with torch.no_grad():
             self.weight_g.copy_(torch.norm_except_dim(self.weight_v, 2, 0))
         self.register_load_state_dict_pre_hook(_rename_parametrized_keys)
+        self.reuse_weight = True
+        self._folded: tuple[tuple, torch.Tensor] | None = None
 
     def weight(self) -> torch.Tensor:
         # w = g · v / ‖v‖ per dim-0 slice; the same kernel as torch.nn.utils.weight_norm
         # (fp32 accumulation for half dtypes), as the reference computes it.
         return torch._weight_norm(self.weight_v, self.weight_g, 0)
+
+    def folded_weight(self) -> torch.Tensor:
+        """`weight()`, kept while g and v are the same tensors with the same contents.
+
+        Not a parameter or buffer: the state dict still holds only g and v.
+        """
+        if not self.reuse_weight or torch.is_grad_enabled():
+            return self.weight()
+        g, v = self.weight_g, self.weight_v
+        token = (g.data_ptr(), g._version, v.data_ptr(), v._version, v.dtype, v.device)
+        if self._folded is None or self._folded[0] != token:
+            self._folded = (token, self.weight())
+        return self._folded[1]
 
 
 def _rename_parametrized_keys(
@@ -121,7 +138,8 @@ class WNConv1d(_WeightNormed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [B, in, L] -> [B, out, L']
-        return F.conv1d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation)
+        w = self.folded_weight()
+        return F.conv1d(x, w, self.bias, self.stride, self.padding, self.dilation)
 
 
 class WNConvTranspose1d(_WeightNormed):
@@ -135,7 +153,7 @@ class WNConvTranspose1d(_WeightNormed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [B, in, L] -> [B, out, L · stride] (kernel 2·stride, padding ceil(stride/2))
-        return F.conv_transpose1d(x, self.weight(), self.bias, self.stride, self.padding)
+        return F.conv_transpose1d(x, self.folded_weight(), self.bias, self.stride, self.padding)
 
 
 class Snake1d(nn.Module):
@@ -149,7 +167,11 @@ class Snake1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [B, C, L]; the 1e-9 keeps the reciprocal finite (same op order as the reference)
         alpha, beta = self.alpha.exp(), self.beta.exp()
-        return x + (beta + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+        if torch.is_grad_enabled():
+            return x + (beta + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+        # The same operations in one buffer (same values, fewer passes over fresh memory).
+        y = alpha * x
+        return y.sin_().pow_(2).mul_((beta + 1e-9).reciprocal()).add_(x)
 
 
 class ResidualUnit(nn.Module):
@@ -256,6 +278,19 @@ class OobleckVAE(nn.Module):
         self.hop_length = cfg.hop_length
         self.encoder = OobleckEncoder(cfg)
         self.decoder = OobleckDecoder(cfg)
+
+    @property
+    def fold_weight_norm(self) -> bool:
+        """Fast path: each convolution's weight g · v / ‖v‖ is computed once (at the first
+        forward without gradients) and reused by every chunk, instead of at each call."""
+        return all(m.reuse_weight for m in self.modules() if isinstance(m, _WeightNormed))
+
+    @fold_weight_norm.setter
+    def fold_weight_norm(self, enabled: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, _WeightNormed):
+                module.reuse_weight = enabled
+                module._folded = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> OobleckVAE:

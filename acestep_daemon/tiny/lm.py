@@ -1,0 +1,260 @@
+"""A tiny random 5 Hz LM in the on-disk layout of `acestep-5Hz-lm-0.6B`.
+
+The real folder holds a Qwen3 causal LM (`Qwen3ForCausalLM`, tied embeddings, so no
+`lm_head.weight` in the file) and a Qwen2 byte-level BPE tokenizer whose vocabulary is the
+Qwen3 one followed by `<|audio_code_0|>` … `<|audio_code_65534|>` (65,535 tokens; the
+FSQ codebook uses the first 64,000). Here the BPE part is trained in milliseconds on a
+built-in text, the special tokens come in the real order (`<|endoftext|>`, `<|im_start|>`,
+`<|im_end|>`, `<think>`, `</think>`, then the audio codes), the chat template is the Qwen3
+one the real folder ships, and the network has the real depth at width 32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers.trainers import BpeTrainer
+from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from acestep_daemon.planner.constraints import audio_code_token
+from acestep_daemon.tiny.text_encoder import _QWEN2_SPLIT, _TRAINING_TEXT
+from acestep_daemon.tiny.weights import random_weights, save_weights
+
+LM_FOLDER = "acestep-5Hz-lm-0.6B"
+AUDIO_CODE_SLOTS = 65_535
+"""Audio-code tokens in the real vocabulary (`<|audio_code_0|>` … `<|audio_code_65534|>`)."""
+
+LM_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+"""Files of the real LM folder that loading reads (README and .gitattributes aside)."""
+
+_BPE_VOCAB = 400
+_TEXT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_THINK_TOKENS = ("<think>", "</think>")
+_LM_TEXT = """\
+<think>
+bpm: 120
+caption: warm jazz piano trio with brushed drums
+duration: 180
+keyscale: C# minor
+language: en
+timesignature: 4
+</think>
+bpm: 96
+duration: 45
+keyscale: Bb major
+language: zh
+timesignature: 3
+"""
+
+QWEN3_CHAT_TEMPLATE = """\
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n\
+You are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and \
+arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \
+\\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and \
+not(message.content.startswith('<tool_response>') and \
+message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = \
+content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + \
+reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+"""The chat template of the Qwen3 tokenizers (`chat_template.jinja` of the LM folders)."""
+
+
+def write_tiny_lm_tokenizer(folder: Path) -> Tokenizer:
+    """Train the byte-level BPE, add the special and audio-code tokens, save it Qwen-style.
+
+    No post-processor: like the real LM tokenizer (and unlike Qwen3-Embedding's), encoding
+    appends nothing. `<|im_end|>` is the eos token, `<|endoftext|>` the pad token.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=_BPE_VOCAB,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = (_TRAINING_TEXT + _LM_TEXT).splitlines(keepends=True)
+    tokenizer.train_from_iterator(lines, trainer)
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False) for t in _TEXT_SPECIALS])
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in _THINK_TOKENS])
+    codes = [audio_code_token(i) for i in range(AUDIO_CODE_SLOTS)]
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False) for t in codes])
+    fast = Qwen2TokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+        errors="replace",
+        split_special_tokens=False,
+    )
+    fast.chat_template = QWEN3_CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    tokenizer.model.save(str(folder))  # vocab.json, merges.txt
+    names = (*_TEXT_SPECIALS, *_THINK_TOKENS, *codes)
+    added = {name: tokenizer.token_to_id(name) for name in names}
+    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n")
+    return tokenizer
+
+
+def tiny_lm_config(vocab_size: int, eos_id: int, bos_id: int) -> Qwen3Config:
+    """The real 0.6B LM config fields, with tiny widths and the real depth (28 layers)."""
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=28,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        hidden_act="silu",
+        max_position_embeddings=40960,
+        max_window_layers=28,
+        rope_theta=1000000,
+        rope_scaling=None,
+        rms_norm_eps=1e-06,
+        attention_bias=False,
+        attention_dropout=0.0,
+        use_sliding_window=False,
+        sliding_window=None,
+        tie_word_embeddings=True,
+        use_cache=True,
+        initializer_range=0.02,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        architectures=["Qwen3ForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
+def write_tiny_lm(folder: Path, *, seed: int = 0) -> Path:
+    """Write the whole tiny LM folder (tokenizer files, config.json, model.safetensors).
+
+    The vocabulary size equals the tokenizer's length, as in the real config (217,204).
+    The same seed writes byte-identical weights.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_tiny_lm_tokenizer(folder)
+    config = tiny_lm_config(
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        eos_id=tokenizer.token_to_id("<|im_end|>"),
+        bos_id=tokenizer.token_to_id("<|endoftext|>"),
+    )
+    config.to_json_file(folder / "config.json")
+    with torch.device("meta"):
+        shapes = Qwen3ForCausalLM(config).state_dict()
+    shapes.pop("lm_head.weight")  # tied to model.embed_tokens.weight, absent from the file
+    save_weights(
+        random_weights(shapes, torch.Generator().manual_seed(seed)), folder / "model.safetensors"
+    )
+    return folder

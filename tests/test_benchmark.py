@@ -1,0 +1,59 @@
+"""scripts/benchmark.py runs end to end on the tiny checkpoint (so it never rots; no timings
+are asserted: speed is what the script reports, not what a test decides)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "benchmark.py"
+STAGES = {"text", "condition", "diffusion", "vae", "write", "total"}
+
+
+def run(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACESTEP_")}
+    command = [sys.executable, str(SCRIPT), "--model", "tiny", "--durations", "1"]
+    done = subprocess.run(
+        [*command, "--repeats", "1", "--daemon-requests", "2", *args],
+        capture_output=True,
+        text=True,
+        env=env | {"HF_HUB_OFFLINE": "1"},
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def test_benchmark_script_is_executable() -> None:
+    assert os.access(SCRIPT, os.X_OK)
+
+
+def test_tiny_benchmark_prints_a_markdown_table_with_every_stage() -> None:
+    out = run()
+    assert "| duration (s) | text (s) | condition (s) | diffusion (s) | VAE decode (s) |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 1 |"))
+    assert len(row.strip("|").split("|")) == 9
+    assert "daemon (tiny checkpoint): ready" in out
+    assert "requests/s" in out
+
+
+def test_tiny_benchmark_json_has_stage_times_memory_and_daemon_figures() -> None:
+    report = json.loads(run("--json"))
+    assert report["model"] == "tiny"
+    assert report["torch"]
+    assert report["dtype"] in {"fp32", "bf16"}
+    (row,) = report["durations"]
+    assert row["duration_s"] == 1
+    assert set(row["ours"]) == STAGES
+    assert all(value >= 0 for value in row["ours"].values())
+    assert row["ours"]["total"] >= row["ours"]["diffusion"] > 0
+    assert row["ours_peak_gib"] > 0
+    assert report["load_s"] > 0
+    daemon = report["daemon"]
+    assert daemon["ready_s"] > 0
+    assert daemon["status_per_s"] > 0
