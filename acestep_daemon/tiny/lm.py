@@ -15,12 +15,11 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from tokenizers.trainers import BpeTrainer
+from tokenizers import AddedToken, Tokenizer
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from acestep_daemon.planner.constraints import audio_code_token
-from acestep_daemon.tiny.text_encoder import _QWEN2_SPLIT, _TRAINING_TEXT
+from acestep_daemon.tiny.text_encoder import train_byte_level_bpe
 from acestep_daemon.tiny.weights import random_weights, save_weights
 
 LM_FOLDER = "acestep-5Hz-lm-0.6B"
@@ -165,22 +164,7 @@ def write_tiny_lm_tokenizer(folder: Path) -> Tokenizer:
     No post-processor: like the real LM tokenizer (and unlike Qwen3-Embedding's), encoding
     appends nothing. `<|im_end|>` is the eos token, `<|endoftext|>` the pad token.
     """
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(
-        vocab_size=_BPE_VOCAB,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    lines = (_TRAINING_TEXT + _LM_TEXT).splitlines(keepends=True)
-    tokenizer.train_from_iterator(lines, trainer)
+    tokenizer = train_byte_level_bpe(_BPE_VOCAB, _LM_TEXT)
     tokenizer.add_special_tokens([AddedToken(t, normalized=False) for t in _TEXT_SPECIALS])
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in _THINK_TOKENS])
     codes = [audio_code_token(i) for i in range(AUDIO_CODE_SLOTS)]

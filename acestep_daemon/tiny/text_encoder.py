@@ -73,12 +73,10 @@ Every heartbeat is a drum, every breath a melody
 """
 
 
-def write_tiny_tokenizer(folder: Path) -> Tokenizer:
-    """Train a byte-level BPE tokenizer (Qwen2 pre-tokenization) and save it Qwen-style.
+def train_byte_level_bpe(vocab_size: int, extra_text: str = "") -> Tokenizer:
+    """A byte-level BPE with Qwen2's pre-tokenizer split, trained on the built-in text.
 
-    Like the current Qwen3-Embedding tokenizer, its post-processor appends
-    `<|endoftext|>` to every sequence; `<|endoftext|>` is also the pad token and
-    `<|im_end|>` the eos token. Returns the tokenizer that was saved.
+    `extra_text` is appended to the training text (the tiny LM adds its prompt words).
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
@@ -90,11 +88,22 @@ def write_tiny_tokenizer(folder: Path) -> Tokenizer:
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = BpeTrainer(
-        vocab_size=_BPE_VOCAB,
+        vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_TRAINING_TEXT.splitlines(keepends=True), trainer)
+    tokenizer.train_from_iterator((_TRAINING_TEXT + extra_text).splitlines(keepends=True), trainer)
+    return tokenizer
+
+
+def write_tiny_tokenizer(folder: Path) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (Qwen2 pre-tokenization) and save it Qwen-style.
+
+    Like the current Qwen3-Embedding tokenizer, its post-processor appends
+    `<|endoftext|>` to every sequence; `<|endoftext|>` is also the pad token and
+    `<|im_end|>` the eos token. Returns the tokenizer that was saved.
+    """
+    tokenizer = train_byte_level_bpe(_BPE_VOCAB)
     tokenizer.add_special_tokens([AddedToken(t, normalized=False) for t in _SPECIAL_TOKENS])
     eos_id = tokenizer.token_to_id(_EOS)
     tokenizer.post_processor = TemplateProcessing(
