@@ -21,8 +21,9 @@ per stage and an output check (max |official - ours| / max |official| for the fi
 and for the decode of our latents).
 
 Also measured, with the tiny checkpoint: daemon overhead per request (socket round trip
-minus the pipeline's own stage times; it includes the WAV write) and `status` requests per
-second. `--json` prints everything as one JSON object instead of tables.
+minus the answer's `timings.total`, the job's whole time in the worker, the file write
+included) and `status` requests per second. `--json` prints everything as one JSON object
+instead of tables.
 """
 
 from __future__ import annotations
@@ -336,7 +337,7 @@ def measure_daemon(checkpoint: Path, scratch: Path, requests: int) -> dict[str, 
             if not answer.get("ok"):
                 raise SystemExit(f"daemon request failed: {answer}")
             if index:  # the first one is the warm-up
-                overheads.append(round_trip - sum(answer["timings"].values()))
+                overheads.append(round_trip - answer["timings"]["total"])
         count, begin = 0, time.perf_counter()
         while time.perf_counter() - begin < STATUS_SECONDS:
             ask(sock, {"command": "status"})
@@ -397,8 +398,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"daemon (tiny checkpoint): ready {d['ready_s']:.2f} s after start, overhead "
-            f"{d['overhead_ms']:.1f} ms per request (round trip − pipeline, WAV write "
-            f"included), `status` {d['status_per_s']:.0f} requests/s",
+            f"{d['overhead_ms']:.1f} ms per request (round trip − the job's time in the worker), "
+            f"`status` {d['status_per_s']:.0f} requests/s",
         ]
     return "\n".join(lines)
 

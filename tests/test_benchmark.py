@@ -57,3 +57,4 @@ def test_tiny_benchmark_json_has_stage_times_memory_and_daemon_figures() -> None
     daemon = report["daemon"]
     assert daemon["ready_s"] > 0
     assert daemon["status_per_s"] > 0
+    assert daemon["overhead_ms"] > 0
