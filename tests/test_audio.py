@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 from acestep_daemon.audio import SUPPORTED_EXTENSIONS, read_audio, write_audio
-from acestep_daemon.errors import InvalidRequest
+from acestep_daemon.errors import InvalidRequest, OutputError
 
 RATE = 48_000
 EXPECTED_FORMAT = {
@@ -117,9 +117,9 @@ def test_failure_mid_write_leaves_no_file_and_keeps_the_old_one(
 
     monkeypatch.setattr(sf.SoundFile, "write", fail_on_second_block)
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="could not write .*new.flac: disk full"):
         write_audio(tmp_path / "new.flac", two_tones(3.0), RATE)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full"):
         blocks_written.clear()
         write_audio(old, two_tones(3.0), RATE)
 
