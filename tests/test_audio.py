@@ -117,7 +117,7 @@ def test_failure_mid_write_leaves_no_file_and_keeps_the_old_one(
 
     monkeypatch.setattr(sf.SoundFile, "write", fail_on_second_block)
 
-    with pytest.raises(OutputError, match="could not write .*new.flac: disk full"):
+    with pytest.raises(OutputError, match=r"could not write .*new\.flac: disk full"):
         write_audio(tmp_path / "new.flac", two_tones(3.0), RATE)
     with pytest.raises(OutputError, match="disk full"):
         blocks_written.clear()
