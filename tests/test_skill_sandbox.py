@@ -24,7 +24,8 @@ import soundfile
 from acestep_daemon import client
 from tests.daemon_harness import Daemon, daemon_env, spawn
 
-SKILL_DIR = Path(__file__).resolve().parent.parent / "skills" / "generate_music"
+REPO = Path(__file__).resolve().parent.parent
+SKILL_DIR = REPO / "skills" / "generate_music"
 
 
 def _bwrap() -> str:
@@ -68,6 +69,9 @@ def in_sandbox(
     }
     setenv = [arg for name, value in env.items() for arg in ("--setenv", name, value)]
     mounts = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    # Spacebot's skills folder is visible (read-only) through the root bind; a checkout that
+    # lies under /tmp (CI's clone, say) would vanish under the tmpfs, so bind it back.
+    mounts += ["--ro-bind", str(REPO), str(REPO)]
     mounts += ["--bind", str(workspace), str(workspace), "--chdir", str(workspace)]
     isolation = ["--unshare-pid", "--die-with-parent", "--clearenv", *setenv]
     return subprocess.run(
