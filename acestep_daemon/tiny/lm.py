@@ -11,15 +11,14 @@ one the real folder ships, and the network has the real depth at width 32.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer
-from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from acestep_daemon.planner.constraints import audio_code_token
-from acestep_daemon.tiny.text_encoder import train_byte_level_bpe
+from acestep_daemon.tiny.text_encoder import save_qwen_tokenizer, train_byte_level_bpe
 from acestep_daemon.tiny.weights import random_weights, save_weights
 
 LM_FOLDER = "acestep-5Hz-lm-0.6B"
@@ -169,24 +168,9 @@ def write_tiny_lm_tokenizer(folder: Path) -> Tokenizer:
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in _THINK_TOKENS])
     codes = [audio_code_token(i) for i in range(AUDIO_CODE_SLOTS)]
     tokenizer.add_special_tokens([AddedToken(t, normalized=False) for t in codes])
-    fast = Qwen2TokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        model_max_length=131072,
-        clean_up_tokenization_spaces=False,
-        errors="replace",
-        split_special_tokens=False,
+    save_qwen_tokenizer(
+        tokenizer, folder, QWEN3_CHAT_TEMPLATE, (*_TEXT_SPECIALS, *_THINK_TOKENS, *codes)
     )
-    fast.chat_template = QWEN3_CHAT_TEMPLATE
-    fast.save_pretrained(folder)
-    tokenizer.model.save(str(folder))  # vocab.json, merges.txt
-    names = (*_TEXT_SPECIALS, *_THINK_TOKENS, *codes)
-    added = {name: tokenizer.token_to_id(name) for name in names}
-    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n")
     return tokenizer
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -96,6 +97,31 @@ def train_byte_level_bpe(vocab_size: int, extra_text: str = "") -> Tokenizer:
     return tokenizer
 
 
+def save_qwen_tokenizer(
+    tokenizer: Tokenizer, folder: Path, chat_template: str, added: Sequence[str]
+) -> None:
+    """Save as Qwen's checkpoints do: tokenizer.json and its config, vocab.json, merges.txt
+    and added_tokens.json (`added`: the tokens it lists). `<|im_end|>` is the eos token,
+    `<|endoftext|>` the pad token."""
+    fast = Qwen2TokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token=_EOS,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+        errors="replace",
+        split_special_tokens=False,
+    )
+    fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+    tokenizer.model.save(str(folder))  # vocab.json, merges.txt
+    ids = {name: tokenizer.token_to_id(name) for name in added}
+    (folder / "added_tokens.json").write_text(json.dumps(ids, indent=2) + "\n")
+
+
 def write_tiny_tokenizer(folder: Path) -> Tokenizer:
     """Train a byte-level BPE tokenizer (Qwen2 pre-tokenization) and save it Qwen-style.
 
@@ -111,23 +137,7 @@ def write_tiny_tokenizer(folder: Path) -> Tokenizer:
         pair=f"$A:0 {_EOS}:0 $B:1 {_EOS}:1",
         special_tokens=[(_EOS, eos_id)],
     )
-    fast = Qwen2TokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token=_EOS,
-        unk_token=None,
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        model_max_length=131072,
-        clean_up_tokenization_spaces=False,
-        errors="replace",
-        split_special_tokens=False,
-    )
-    fast.chat_template = _CHAT_TEMPLATE
-    fast.save_pretrained(folder)
-    tokenizer.model.save(str(folder))  # vocab.json, merges.txt
-    added = {t: tokenizer.token_to_id(t) for t in _SPECIAL_TOKENS}
-    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n")
+    save_qwen_tokenizer(tokenizer, folder, _CHAT_TEMPLATE, _SPECIAL_TOKENS)
     return tokenizer
 
 
