@@ -268,7 +268,7 @@ def resolve_lm(size: str, model_dir: Path | None, *, download: bool = True) -> P
     include = f" --include '{sub}/*'" if sub else ""
     how = (
         f"Get the {name} planner weights: run once with network access, or "
-        f"huggingface-cli download {repo}{include}, or put the folder {name}/ under "
+        f"hf download {repo}{include}, or put the folder {name}/ under "
         f"--model-dir (or {MODEL_DIR_ENV}); or run without the planner (--lm none)."
     )
     if model_dir is None and os.environ.get(MODEL_DIR_ENV):

@@ -152,6 +152,6 @@ def test_offline_with_an_empty_cache_says_how_to_get_the_lm(tmp_path: Path) -> N
     )
     assert result.returncode == 3, result.stderr
     assert "no complete copy of acestep-5Hz-lm-0.6B" in result.stdout
-    assert "huggingface-cli download ACE-Step/acestep-5Hz-lm-0.6B" in result.stdout
+    assert "hf download ACE-Step/acestep-5Hz-lm-0.6B" in result.stdout
     assert "--lm none" in result.stdout
     assert "Traceback" not in result.stderr
