@@ -35,3 +35,21 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max |ours - reference| / max |reference|."""
     assert ours.shape == reference.shape
     return float((ours.float() - reference.float()).abs().max() / reference.abs().max())
+
+
+CONDITION_INPUTS = (
+    "text_hidden",
+    "text_mask",
+    "lyric_hidden",
+    "lyric_mask",
+    "refer_latents",
+    "refer_order",
+)
+"""The condition encoder's inputs, in argument order, as `condition.<name>` in the cases."""
+
+
+def encode_condition_case(
+    model: AceStepModel, cases: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """Our condition encoder on a fixture's recorded inputs."""
+    return model.encode_condition(*(cases[f"condition.{name}"] for name in CONDITION_INPUTS))

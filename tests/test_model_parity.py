@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_fixtures import RELATIVE_TOLERANCE, TINY, load_tiny_model, relative_error
+from model_fixtures import (
+    RELATIVE_TOLERANCE,
+    TINY,
+    encode_condition_case,
+    load_tiny_model,
+    relative_error,
+)
 from safetensors.torch import load_file
 
 from acestep_daemon.model import AceStepModel, RepaintInputs, draw_noise, sample_turbo
@@ -28,22 +34,6 @@ def assert_parity(ours: torch.Tensor, reference: torch.Tensor) -> None:
     assert relative_error(ours, reference) <= RELATIVE_TOLERANCE
 
 
-def encode(model: AceStepModel, cases: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return model.encode_condition(
-        *(
-            cases[f"condition.{name}"]
-            for name in (
-                "text_hidden",
-                "text_mask",
-                "lyric_hidden",
-                "lyric_mask",
-                "refer_latents",
-                "refer_order",
-            )
-        )
-    )
-
-
 def generate(
     model: AceStepModel,
     cases: dict[str, torch.Tensor],
@@ -55,7 +45,7 @@ def generate(
     is_cover: torch.Tensor | None = None,
     repaint: RepaintInputs | None = None,
 ) -> torch.Tensor:
-    hidden, _ = encode(model, cases)
+    hidden, _ = encode_condition_case(model, cases)
     context = model.build_context(src, chunk_mask, cover_hints, is_cover)
     return sample_turbo(model, cases["generate.noise"], hidden, context, shift, repaint=repaint)
 
@@ -68,7 +58,7 @@ def silence_source(cases: dict[str, torch.Tensor], frames: int = 17) -> torch.Te
 def test_condition_encoder_matches_official_with_padding_and_two_references(
     model: AceStepModel, cases: dict[str, torch.Tensor]
 ) -> None:
-    hidden, mask = encode(model, cases)
+    hidden, mask = encode_condition_case(model, cases)
     assert_parity(hidden, cases["condition.hidden"])
     assert torch.equal(mask.long(), cases["condition.mask"])
 

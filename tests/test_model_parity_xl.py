@@ -15,6 +15,7 @@ import torch
 from model_fixtures import (
     RELATIVE_TOLERANCE,
     TINY_XL,
+    encode_condition_case,
     load_tiny_model,
     load_weights,
     relative_error,
@@ -22,15 +23,6 @@ from model_fixtures import (
 from safetensors.torch import load_file
 
 from acestep_daemon.model import AceStepModel
-
-CONDITION_INPUTS = (
-    "text_hidden",
-    "text_mask",
-    "lyric_hidden",
-    "lyric_mask",
-    "refer_latents",
-    "refer_order",
-)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +37,7 @@ def cases() -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def condition_error(model: AceStepModel, cases: dict[str, torch.Tensor]) -> float:
-    hidden, mask = model.encode_condition(*(cases[f"condition.{n}"] for n in CONDITION_INPUTS))
+    hidden, mask = encode_condition_case(model, cases)
     assert torch.equal(mask.long(), cases["condition.mask"])
     return relative_error(hidden, cases["condition.hidden"])
 
