@@ -91,6 +91,14 @@ def absolute_path(value: str, name: str) -> str:
     return str(path)
 
 
+def _absolute_path_value(value: Any, name: str) -> Any:
+    """A path field's raw value: a `pathlib.Path` or string as its absolute string; anything
+    else unchanged, so that the strict type check names the field."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return absolute_path(value, name) if isinstance(value, str) else value
+
+
 class StrictModel(BaseModel):
     """Wire strictness: no coercion, no unknown fields, no NaN/Infinity, immutable."""
 
@@ -245,12 +253,8 @@ class GenerationParams(StrictModel):
     @classmethod
     def _input_file(cls, value: Any, info: Any) -> Any:
         """An absolute path to a readable file (a `pathlib.Path` is taken as its string)."""
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if not isinstance(value, str):
-            return value  # the strict type check names the field
-        path = absolute_path(value, info.field_name)
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        path = _absolute_path_value(value, info.field_name)
+        if isinstance(path, str) and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise ValueError(f"{info.field_name} {path} is not a readable file")
         return path
 
@@ -258,12 +262,8 @@ class GenerationParams(StrictModel):
     @classmethod
     def _adapter_path(cls, value: Any) -> Any:
         """An absolute path to an existing adapter folder or file."""
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if not isinstance(value, str):
-            return value
-        path = absolute_path(value, "lora")
-        if not os.path.exists(path):
+        path = _absolute_path_value(value, "lora")
+        if isinstance(path, str) and not os.path.exists(path):
             raise ValueError(f"lora {path} does not exist")
         return path
 
