@@ -65,6 +65,18 @@ def wait_running(sock: socket.socket) -> None:
             return
 
 
+@contextmanager
+def running_job(path: Path, request: dict[str, Any]) -> Iterator[socket.socket]:
+    """Send a progress request, half-close like socat, wait until its job runs; yields the
+    connection (closing it is a hang-up)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(path))
+        client.sendall(json.dumps(request).encode() + b"\n")
+        client.shutdown(socket.SHUT_WR)
+        wait_running(client)
+        yield client
+
+
 def ask(path: Path, request: dict[str, Any], *, timeout: float = 120.0) -> list[dict[str, Any]]:
     """One request object → the answer lines, parsed."""
     lines = send(path, json.dumps(request).encode() + b"\n", timeout=timeout)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import REPO, Daemon, ask, daemon_env, running, wait_running
+from tests.daemon_harness import REPO, Daemon, ask, daemon_env, running, running_job
 
 STAGES = ("text", "diffusion", "vae")
 
@@ -61,17 +61,15 @@ def test_free_metas_with_structured_fields_is_refused(daemon: Daemon):
 
 def test_accepted_job_is_told_its_queue_position(daemon: Daemon, tmp_path: Path):
     long_request = {"caption": "long", "duration_s": 60, "progress": True}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as running_client:
-        running_client.connect(str(daemon.socket))
-        running_client.sendall(json.dumps(long_request).encode() + b"\n")
-        running_client.shutdown(socket.SHUT_WR)
-        wait_running(running_client)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as second:
-            second.connect(str(daemon.socket))
-            request = {"caption": "next", "duration_s": 1, "progress": True}
-            second.sendall(json.dumps(request).encode() + b"\n")
-            second.shutdown(socket.SHUT_WR)
-            first_line = second.makefile("rb").readline()
+    with (
+        running_job(daemon.socket, long_request),
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as second,
+    ):
+        second.connect(str(daemon.socket))
+        request = {"caption": "next", "duration_s": 1, "progress": True}
+        second.sendall(json.dumps(request).encode() + b"\n")
+        second.shutdown(socket.SHUT_WR)
+        first_line = second.makefile("rb").readline()
     assert json.loads(first_line) == {"progress": {"stage": "queued", "position": 1}}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from tests.daemon_harness import REPO, Daemon, ask, running, wait_running
+from tests.daemon_harness import REPO, Daemon, ask, running, running_job
 
 DURATION_S = 1.0
 
@@ -149,11 +149,7 @@ def test_hangup_while_queued_cancels_job_before_it_runs(daemon: Daemon, tmp_path
     before = daemon.status()
     long_request = {"caption": "long", "duration_s": 60, "progress": True}
     long_request["output"] = str(tmp_path / "long.wav")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as running_client:
-        running_client.connect(str(daemon.socket))
-        running_client.sendall(json.dumps(long_request).encode() + b"\n")
-        running_client.shutdown(socket.SHUT_WR)
-        wait_running(running_client)  # the first progress line: the long job runs
+    with running_job(daemon.socket, long_request) as running_client:
         queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         queued.connect(str(daemon.socket))
         hung_up = tmp_path / "hung-up.wav"
@@ -213,11 +209,8 @@ def test_hangup_while_running_cancels_between_steps(daemon: Daemon, tmp_path: Pa
     before = daemon.status()
     output = tmp_path / "abandoned.wav"
     request = {"caption": "abandoned", "duration_s": 60, "progress": True, "output": str(output)}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        client.connect(str(daemon.socket))
-        client.sendall(json.dumps(request).encode() + b"\n")
-        client.shutdown(socket.SHUT_WR)
-        wait_running(client)  # the job is running
+    with running_job(daemon.socket, request):
+        pass  # the job runs; closing the connection hangs up
     deadline = time.monotonic() + 30
     while (status := daemon.status())["busy"]:
         assert time.monotonic() < deadline
@@ -258,11 +251,7 @@ def test_bad_requests_are_refused_at_once_while_a_long_job_runs(daemon: Daemon, 
         ({"caption": "x", "time_signature": "7/5"}, "time_signature"),
         ({"caption": "x", "key": "H major"}, "key"),
     ]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as running_client:
-        running_client.connect(str(daemon.socket))
-        running_client.sendall(json.dumps(long_request).encode() + b"\n")
-        running_client.shutdown(socket.SHUT_WR)
-        wait_running(running_client)  # the long job runs
+    with running_job(daemon.socket, long_request):
         for request, field in bad_requests:
             answer = daemon.ask(request, timeout=10)
             assert answer["ok"] is False and answer["code"] == "invalid_request", answer

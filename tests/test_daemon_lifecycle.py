@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import REPO, Daemon, ask, daemon_env, running, spawn, wait_running
+from tests.daemon_harness import REPO, Daemon, ask, daemon_env, running, running_job, spawn
 
 
 def test_sigterm_lets_the_running_job_finish_and_refuses_the_queue(tmp_path: Path):
@@ -32,11 +32,7 @@ def test_sigterm_lets_the_running_job_finish_and_refuses_the_queue(tmp_path: Pat
         "progress": True,
         "output": str(long_output),
     }
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
-        first.connect(str(daemon.socket))
-        first.sendall(json.dumps(long_request).encode() + b"\n")
-        first.shutdown(socket.SHUT_WR)
-        wait_running(first)  # a progress line: the long job is running
+    with running_job(daemon.socket, long_request) as first:
         queued: list[list[dict]] = [[], []]
 
         def client(i: int) -> None:
@@ -246,11 +242,7 @@ def test_running_job_past_the_grace_period_is_stopped(tmp_path: Path, tiny_check
     daemon.wait_ready()
     output = tmp_path / "cut.wav"
     request = {"caption": "long", "duration_s": 120, "progress": True, "output": str(output)}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        client.connect(str(daemon.socket))
-        client.sendall(json.dumps(request).encode() + b"\n")
-        client.shutdown(socket.SHUT_WR)
-        wait_running(client)  # running
+    with running_job(daemon.socket, request) as client:
         daemon.proc.send_signal(signal.SIGINT)
         answers = client.makefile("rb").read().splitlines()
     assert json.loads(answers[-1])["code"] == "shutting_down"
@@ -263,11 +255,7 @@ def test_second_signal_exits_at_once_during_the_grace_period(tmp_path: Path, tin
     daemon.wait_ready()
     output = tmp_path / "cut.wav"
     request = {"caption": "long", "duration_s": 600, "progress": True, "output": str(output)}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        client.connect(str(daemon.socket))
-        client.sendall(json.dumps(request).encode() + b"\n")
-        client.shutdown(socket.SHUT_WR)
-        wait_running(client)  # running
+    with running_job(daemon.socket, request):
         daemon.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while "shutting down" not in daemon.stderr():
