@@ -513,12 +513,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     from pydantic import ValidationError
 
-    from acestep_daemon import connection, protocol
+    from acestep_daemon import protocol
     from acestep_daemon.audio import write_audio
     from acestep_daemon.checkpoint import resolve_checkpoint
     from acestep_daemon.errors import AceStepError
-    from acestep_daemon.manager import JobResult
-    from acestep_daemon.memory import Run
     from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
     from acestep_daemon.pipeline import Pipeline
 
@@ -564,21 +562,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (AceStepError, OSError) as error:
         print(f"acestep generate: {error}", file=sys.stderr)
         return 1
-    run = Run(
-        audio=audio,
-        device=pipeline.device,
-        dtype=pipeline.dtype,
-        fallback=None,
-        oom_retries=0,
-        vae_chunk_frames=DECODE_CHUNK_FRAMES,
-    )
     timings = {
         "load": loaded - started,
         **audio.timings,
         "write": done - writing,
         "total": done - started,
     }
-    answer = connection.success(JobResult(path=output, run=run, timings=timings, takes=takes))
+    answer = protocol.success_answer(
+        path=str(output),
+        duration_s=audio.duration_s,
+        seed=audio.seed,
+        timings=timings,
+        device=str(pipeline.device),
+        dtype=str(pipeline.dtype),
+        fallback=None,
+        oom_retries=0,
+        vae_chunk_frames=DECODE_CHUNK_FRAMES,
+        notes=audio.notes,
+        thinking=audio.thinking,
+        takes=[(str(path), seed) for path, seed in takes],
+    )
     sys.stdout.write(protocol.encode(answer).decode())
     return 0
 

@@ -1,13 +1,14 @@
 """The out-of-memory policy: run one job's stages so that running out of memory never loses it.
 
-At home (the device and dtype the pipeline was loaded with): choose the VAE tile
-from free GPU memory, run the stages, and after running out of memory free
-the cache and retry the failing stage once — the VAE with half the tile each
-time, down to a floor. The planner (5 Hz LM) that still runs out of memory runs
-on the CPU for this request while the DiT stays home. When that is not enough,
-run this one request on the CPU in float32 and move the pipeline back home
-afterwards. `run` returns where and how the request ran; nothing here knows about
-queues, sockets or files.
+At home (the device and dtype the pipeline was loaded with): run the stages; once the
+conditioning says how long the latents are (after the planner, from the request's
+duration or its source audio), choose the VAE tile from free GPU memory; after
+running out of memory free the cache and retry the failing stage once — the VAE with
+half the tile each time, down to a floor. The planner (5 Hz LM) that still runs out
+of memory runs on the CPU for this request while the DiT stays home. When that is not
+enough, run this one request on the CPU in float32 (keeping a plan made at home) and
+move the pipeline back home afterwards. `run` returns where and how the request ran;
+nothing here knows about queues, sockets or files.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from acestep_daemon.errors import AceStepError
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
 from acestep_daemon.params import GenerationParams
-from acestep_daemon.pipeline import Audio, Pipeline, Planned, ProgressFn, latent_frames
+from acestep_daemon.pipeline import Audio, Conditioning, Pipeline, Planned, ProgressFn
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,14 @@ class Run:
     vae_chunk_frames: int
 
 
+def free_gpu_bytes(device: torch.device) -> int | None:
+    """Free memory on a CUDA device; None on any other (no limit this policy can see)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -97,11 +106,13 @@ class MemoryPolicy:
         self.retries = 0
         self.chunk = DECODE_CHUNK_FRAMES
         self.lm_on_cpu = False
+        self.planned: Planned | None = None
+        """The plan made at home, kept by the CPU run."""
 
     def run(self, params: GenerationParams, progress: ProgressFn) -> Run:
         """Generate at home if memory allows, else on the CPU; returns where it ran."""
         pipeline = self.pipeline
-        if (pipeline.device, pipeline.dtype) == self.home and self._fits(params):
+        if (pipeline.device, pipeline.dtype) == self.home:
             audio = self._at_home(params, progress)
             if audio is not None:
                 return self._result(audio, "lm-cpu" if self.lm_on_cpu else None)
@@ -118,15 +129,16 @@ class MemoryPolicy:
             vae_chunk_frames=self.chunk,
         )
 
-    def _fits(self, params: GenerationParams) -> bool:
-        """Choose the VAE tile from free GPU memory; False means: go to the CPU up front."""
+    def _fits(self, cond: Conditioning) -> bool:
+        """Choose the VAE tile from free GPU memory for the latents this request generates;
+        False means: too little for them, go to the CPU."""
         device = self.pipeline.device
-        if device.type != "cuda":
+        free = free_gpu_bytes(device)
+        if free is None:
             return True
-        free, _ = torch.cuda.mem_get_info(device)
         # Every take, and the unconditional half of a guided model's batch, is one more row.
-        rows = len(params.seeds or [0]) * (2 if self.pipeline.spec.guided else 1)
-        frames = latent_frames(params.duration_s) * rows
+        rows = cond.noise.shape[0] * (2 if self.pipeline.spec.guided else 1)
+        frames = cond.frames * rows
         budget = free - VRAM_HEADROOM_BYTES - frames * DIFFUSION_BYTES_PER_FRAME
         while self.chunk > VAE_CHUNK_FLOOR and self.chunk * VAE_BYTES_PER_CHUNK_FRAME > budget:
             self.chunk //= 2
@@ -136,15 +148,18 @@ class MemoryPolicy:
         return fits
 
     def _at_home(self, params: GenerationParams, progress: ProgressFn) -> Audio | None:
-        """The three stages with their retries; None when memory ran out anyway.
+        """The stages with their retries; None when memory ran out anyway, or when the
+        conditioned request does not fit (`_fits`).
 
         Retries start outside the `except` blocks, so that the failed attempt's
         traceback (and the tensors its frames hold) is gone before trying again.
         """
         pipeline = self.pipeline
         try:
-            planned = self._plan(params, progress)
+            planned = self.planned = self._plan(params, progress)
             cond = self._retry(lambda: pipeline.prepare(params, progress, planned))
+            if not self._fits(cond):
+                return None
             latents = self._retry(lambda: pipeline.diffuse(cond, progress))
             while True:
                 try:
@@ -189,12 +204,19 @@ class MemoryPolicy:
         logger.warning("out of memory in %s", what)
 
     def _on_cpu(self, params: GenerationParams, progress: ProgressFn) -> Audio:
-        """Run this request on the CPU in float32, then move the pipeline back home."""
+        """Run this request on the CPU in float32, then move the pipeline back home.
+
+        A plan made at home is kept; without one the planner runs here.
+        """
         logger.warning("running this request on the CPU (float32) to avoid running out of memory")
         self._on_fallback()
         move(self.pipeline, *CPU)
+        pipeline = self.pipeline
         try:
-            return self.pipeline.generate(params, progress=progress, vae_chunk_frames=self.chunk)
+            planned = self.planned or pipeline.plan(params, progress)
+            cond = pipeline.prepare(params, progress, planned)
+            latents = pipeline.diffuse(cond, progress)
+            return pipeline.decode(cond, latents, progress, vae_chunk_frames=self.chunk)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(f"out of memory even on the CPU: {error}") from error
         finally:

@@ -159,6 +159,34 @@ class Conditioning:
         return self.noise.shape[1]
 
 
+@dataclass
+class TaskInputs:
+    """What a task gives the DiT's context, and the length of its output."""
+
+    src_latents: torch.Tensor  # [1, T, 64] silence, or the (repaint: partly silenced) source
+    chunk_mask: torch.Tensor  # [1, T] 1 = generate, 0 = keep the source
+    hints: torch.Tensor | None  # [1, T, 64] cover hints (cover, planned codes), or None
+    duration_s: float  # length of the output audio
+    repaint: RepaintInputs | None = None
+
+
+def _shared_by_takes(
+    takes: int,
+    encoder_hidden: torch.Tensor,
+    context: torch.Tensor,
+    repaint: RepaintInputs | None,
+) -> tuple[torch.Tensor, torch.Tensor, RepaintInputs | None]:
+    """One batch of `takes` rows: every take shares the condition, context and repaint."""
+    if takes == 1:
+        return encoder_hidden, context, repaint
+    if repaint is not None:
+        repaint = RepaintInputs(
+            mask=repaint.mask.expand(takes, -1),
+            clean_latents=repaint.clean_latents.expand(takes, -1, -1),
+        )
+    return encoder_hidden.expand(takes, -1, -1), context.expand(takes, -1, -1), repaint
+
+
 def latent_frames(duration_s: float) -> int:
     """Latent length for a duration as upstream computes it (`AceStepHandler._prepare_batch`)."""
     samples = int(max(0.1, round(duration_s, 1)) * SAMPLE_RATE)
@@ -403,11 +431,7 @@ class Pipeline:
         With a plan, its parameters replace `params`, and its codes (full mode) become
         the context hints, as cover latents would (the instruction stays text2music's).
         """
-        problem = params.model_problem(self.spec)
-        if problem is not None:
-            raise InvalidRequest(problem)
-        if params.lora_scale is not None and params.lora is None and self.default_lora is None:
-            raise InvalidRequest("lora_scale: no LoRA adapter named, and none loaded at start")
+        self._refuse_unfit(params)
         if progress:
             progress("text", 0, 1)
         start = time.perf_counter()
@@ -416,41 +440,95 @@ class Pipeline:
         seeds = params.seeds or [
             params.seed if params.seed is not None else secrets.randbelow(2**32)
         ]
-        seed, takes = seeds[0], len(seeds)
+        task = self._task_inputs(params, planned)
+        caption_text, lyrics_text = self._prompts(params, task.duration_s)
+        notes = self._notes(params, caption_text, lyrics_text)
+        encoder_hidden = self._condition(caption_text, lyrics_text, params, seeds[0])
+        context = self.model.build_context(task.src_latents, task.chunk_mask, task.hints)
+        frames, channels = task.src_latents.shape[1:]
+        noise = self._noise(params, seeds, frames, channels)
+        encoder_hidden, context, repaint = _shared_by_takes(
+            len(seeds), encoder_hidden, context, task.repaint
+        )
+        _synchronize(self.device)
+        timings = {"text": time.perf_counter() - start}
+        if planned is not None:
+            timings = {"plan": planned.seconds, **timings}
+        if progress:
+            progress("text", 1, 1)
+        return Conditioning(
+            params=params,
+            seeds=seeds,
+            duration_s=task.duration_s,
+            encoder_hidden=encoder_hidden,
+            context=context,
+            noise=noise,
+            repaint=repaint,
+            timings=timings,
+            planned=planned,
+            notes=notes,
+        )
 
-        repaint = None
+    def _refuse_unfit(self, params: GenerationParams) -> None:
+        """InvalidRequest for what this model cannot do (also checked before queueing; this
+        guards Python callers) and for a LoRA scale without an adapter."""
+        problem = params.model_problem(self.spec)
+        if problem is not None:
+            raise InvalidRequest(problem)
+        if params.lora_scale is not None and params.lora is None and self.default_lora is None:
+            raise InvalidRequest("lora_scale: no LoRA adapter named, and none loaded at start")
+
+    def _task_inputs(self, params: GenerationParams, planned: Planned | None) -> TaskInputs:
+        """The DiT's context inputs for the request's task."""
         if params.task == "text2music":
-            frames = latent_frames(params.duration_s)
-            duration_s = min(params.duration_s, frames * LATENT_HOP / SAMPLE_RATE)
-            src_latents = self.silence_latent[:, :frames]
-            chunk_mask = torch.ones(1, frames, device=self.device, dtype=self.dtype)
-            hints = None
-            if planned is not None and planned.codes is not None:
-                codes = torch.tensor(planned.codes, device=self.device)  # [T5]
-                hints = codes_to_hints(self.model, codes, self.silence_latent, frames)
-        else:
-            source = self._read_source(Path(params.src_audio), "src_audio")  # [2, S]
-            if params.task == "repaint":
-                left, right, start_f, end_f = repaint_window(
-                    params.repaint_start_s, params.repaint_end_s, source.shape[1]
-                )
-                source = torch.nn.functional.pad(source, (left, right))
-            duration_s = source.shape[1] / SAMPLE_RATE
-            if duration_s > MAX_DURATION_S:
-                raise InvalidRequest(
-                    f"source audio is {duration_s:.1f} s long; at most {MAX_DURATION_S:.0f} s"
-                )
-            clean = self._encode_audio(source.to(self.device))  # [1, T, C]
-            frames = clean.shape[1]
-            if params.task == "repaint":
-                src_latents, chunk_mask, repaint = self._repaint_inputs(clean, start_f, end_f)
-                hints = None
-            else:
-                src_latents = clean
-                chunk_mask = torch.ones(1, frames, device=self.device, dtype=self.dtype)
-                quantized, _ = self.model.tokenize(clean, self.silence_latent)
-                hints = self.model.detokenize(quantized)[:, :frames]
+            return self._text2music_inputs(params.duration_s, planned)
+        return self._source_inputs(params)
 
+    def _text2music_inputs(self, duration_s: float, planned: Planned | None) -> TaskInputs:
+        """Silence to generate over; the plan's audio codes (full mode) as hints."""
+        frames = latent_frames(duration_s)
+        hints = None
+        if planned is not None and planned.codes is not None:
+            codes = torch.tensor(planned.codes, device=self.device)  # [T5]
+            hints = codes_to_hints(self.model, codes, self.silence_latent, frames)
+        return TaskInputs(
+            src_latents=self.silence_latent[:, :frames],
+            chunk_mask=torch.ones(1, frames, device=self.device, dtype=self.dtype),
+            hints=hints,
+            duration_s=min(duration_s, frames * LATENT_HOP / SAMPLE_RATE),
+        )
+
+    def _source_inputs(self, params: GenerationParams) -> TaskInputs:
+        """The source audio's latents: repaint silences the range to regenerate (padding
+        the source for outpainting); cover keeps it and adds its own tokenized latents as
+        hints. The output is as long as the (padded) source."""
+        source = self._read_source(Path(params.src_audio), "src_audio")  # [2, S]
+        if params.task == "repaint":
+            left, right, start_f, end_f = repaint_window(
+                params.repaint_start_s, params.repaint_end_s, source.shape[1]
+            )
+            source = torch.nn.functional.pad(source, (left, right))
+        duration_s = source.shape[1] / SAMPLE_RATE
+        if duration_s > MAX_DURATION_S:
+            raise InvalidRequest(
+                f"source audio is {duration_s:.1f} s long; at most {MAX_DURATION_S:.0f} s"
+            )
+        clean = self._encode_audio(source.to(self.device))  # [1, T, C]
+        if params.task == "repaint":
+            src_latents, chunk_mask, repaint = self._repaint_inputs(clean, start_f, end_f)
+            return TaskInputs(src_latents, chunk_mask, None, duration_s, repaint)
+        frames = clean.shape[1]
+        quantized, _ = self.model.tokenize(clean, self.silence_latent)
+        return TaskInputs(
+            src_latents=clean,
+            chunk_mask=torch.ones(1, frames, device=self.device, dtype=self.dtype),
+            hints=self.model.detokenize(quantized)[:, :frames],
+            duration_s=duration_s,
+        )
+
+    @staticmethod
+    def _prompts(params: GenerationParams, duration_s: float) -> tuple[str, str]:
+        """The caption prompt (instruction, caption, metas block) and the lyrics prompt."""
         metas = metas_for_request(
             params.metas,
             bpm=params.bpm,
@@ -459,8 +537,13 @@ class Pipeline:
             duration_s=duration_s,
         )
         caption_text = caption_prompt(params.caption, metas, INSTRUCTIONS[params.task])
-        lyrics_text = lyrics_prompt(params.lyrics, params.language)
-        notes = self._notes(params, caption_text, lyrics_text)
+        return caption_text, lyrics_prompt(params.lyrics, params.language)
+
+    def _condition(
+        self, caption_text: str, lyrics_text: str, params: GenerationParams, seed: int
+    ) -> torch.Tensor:
+        """Text encoder, lyric embedding and timbre reference -> condition encoder: the DiT's
+        cross-attention sequence [1, S, D]."""
         text_hidden, text_mask = self.text.encode_caption([caption_text])
         lyric_hidden, lyric_mask = self.text.embed_lyrics([lyrics_text])
         reference = self._reference_latents(params.reference_audio, seed)
@@ -472,39 +555,19 @@ class Pipeline:
             reference,
             torch.zeros(1, dtype=torch.long, device=self.device),
         )
-        context = self.model.build_context(src_latents, chunk_mask, hints)
-        channels = src_latents.shape[-1]
+        return encoder_hidden
+
+    def _noise(
+        self, params: GenerationParams, seeds: list[int], frames: int, channels: int
+    ) -> torch.Tensor:
+        """Initial noise [B, T, C], one row per seed, blended with the retake seed's noise
+        when the request asks for a retake."""
         noise = draw_noise(seeds, frames, channels, self.device, self.dtype)  # [B, T, C]
         if params.retake_seed is not None and params.retake_variance is not None:
-            retake = [params.retake_seed] * takes
+            retake = [params.retake_seed] * len(seeds)
             retake_noise = draw_noise(retake, frames, channels, self.device, self.dtype)
             noise = mix_retake(noise, retake_noise, params.retake_variance)
-        if takes > 1:  # one batch: every take shares the condition
-            encoder_hidden = encoder_hidden.expand(takes, -1, -1)
-            context = context.expand(takes, -1, -1)
-            if repaint is not None:
-                repaint = RepaintInputs(
-                    mask=repaint.mask.expand(takes, -1),
-                    clean_latents=repaint.clean_latents.expand(takes, -1, -1),
-                )
-        _synchronize(self.device)
-        timings = {"text": time.perf_counter() - start}
-        if planned is not None:
-            timings = {"plan": planned.seconds, **timings}
-        if progress:
-            progress("text", 1, 1)
-        return Conditioning(
-            params=params,
-            seeds=seeds,
-            duration_s=duration_s,
-            encoder_hidden=encoder_hidden,
-            context=context,
-            noise=noise,
-            repaint=repaint,
-            timings=timings,
-            planned=planned,
-            notes=notes,
-        )
+        return noise
 
     def _notes(self, params: GenerationParams, caption_text: str, lyrics_text: str) -> list[str]:
         """What of the request the model will not see as asked: a snapped shift, cut prompts."""

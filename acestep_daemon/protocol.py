@@ -128,10 +128,22 @@ def success_answer(
     seed: int,
     timings: dict[str, float],
     device: str,
-    **extra: Any,
+    dtype: str,
+    fallback: str | None,
+    oom_retries: int,
+    vae_chunk_frames: int,
+    notes: list[str],
+    thinking: dict[str, Any] | None = None,
+    takes: list[tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
-    """The ace-step-rs success fields first, then ours."""
-    return {
+    """The answer of a written file (the daemon's, and `acestep generate`'s line).
+
+    The ace-step-rs success fields come first, then ours. `dtype` may carry torch's
+    `torch.` prefix (`str(torch.bfloat16)`); the answer names it without. `thinking` (what
+    the planner did) and `takes` ((file, seed) of every take of a `seeds` request) appear
+    only when given.
+    """
+    answer = {
         "ok": True,
         "path": path,
         "duration_s": duration_s,
@@ -140,8 +152,17 @@ def success_answer(
         "seed": seed,
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "device": device,
-        **extra,
+        "dtype": dtype.removeprefix("torch."),
+        "fallback": fallback,
+        "oom_retries": oom_retries,
+        "vae_chunk_frames": vae_chunk_frames,
+        "notes": notes,
     }
+    if thinking is not None:
+        answer["thinking"] = thinking
+    if takes:
+        answer["takes"] = [{"path": take_path, "seed": take_seed} for take_path, take_seed in takes]
+    return answer
 
 
 def progress_line(stage: str, step: int, of: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,13 @@ def tiny_checkpoint_with_lm(
     for folder in (*tiny_checkpoint.iterdir(), tiny_lm_dir):
         (root / folder.name).symlink_to(folder, target_is_directory=True)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch CPU thread for a whole module (`pytest.mark.usefixtures("one_thread")`): the
+    planner's official fixtures were made so, and tiny layers run faster so."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

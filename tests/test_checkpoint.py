@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from huggingface_hub.errors import LocalEntryNotFoundError
+from fake_hub import FakeHub
 
 from acestep_daemon import checkpoint
 from acestep_daemon.checkpoint import (
@@ -34,30 +34,9 @@ def write_layout(root: Path, skip: str | None = None) -> Path:
     return root
 
 
-class FakeHub:
-    """Stands in for huggingface_hub.snapshot_download: a cache dir and a download log."""
-
-    def __init__(self, cache: Path, cached: bool, cached_skip: str | None = None) -> None:
-        self.snapshot = cache / "snapshots" / "0123abcd"
-        self.calls: list[dict] = []
-        self.fail_download: Exception | None = None
-        if cached:
-            write_layout(self.snapshot, skip=cached_skip)
-
-    def __call__(self, repo_id: str, **kwargs: object) -> str:
-        self.calls.append({"repo_id": repo_id, **kwargs})
-        if kwargs.get("local_files_only"):
-            if not self.snapshot.is_dir():
-                raise LocalEntryNotFoundError("no cached snapshot")
-            return str(self.snapshot)
-        if self.fail_download is not None:
-            raise self.fail_download
-        write_layout(self.snapshot)
-        return str(self.snapshot)
-
-    @property
-    def downloads(self) -> list[dict]:
-        return [call for call in self.calls if not call.get("local_files_only")]
+def checkpoint_hub(cache: Path, cached: bool) -> FakeHub:
+    """The hub's cache of the checkpoint repo, holding the whole layout when `cached`."""
+    return FakeHub(cache / "snapshots" / "0123abcd", write_layout, cached=cached)
 
 
 @pytest.fixture(autouse=True)
@@ -65,11 +44,6 @@ def no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ACESTEP_MODEL_DIR", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(checkpoint.hf_constants, "HF_HUB_OFFLINE", False)
-
-
-def use_hub(monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> FakeHub:
-    monkeypatch.setattr(checkpoint, "snapshot_download", hub)
-    return hub
 
 
 def test_checkpoint_paths_name_the_three_folders(tmp_path: Path) -> None:
@@ -82,14 +56,14 @@ def test_checkpoint_paths_name_the_three_folders(tmp_path: Path) -> None:
 def test_explicit_model_dir_is_verified_and_used_without_the_hub(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hub = use_hub(monkeypatch, FakeHub(tmp_path / "cache", cached=True))
+    hub = checkpoint_hub(tmp_path / "cache", cached=True).install(monkeypatch)
     root = write_layout(tmp_path / "weights")
     assert resolve_checkpoint(root) == CheckpointPaths(root)
     assert hub.calls == []
 
 
 def test_model_dir_env_variable_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = use_hub(monkeypatch, FakeHub(tmp_path / "cache", cached=False))
+    hub = checkpoint_hub(tmp_path / "cache", cached=False).install(monkeypatch)
     root = write_layout(tmp_path / "weights")
     monkeypatch.setenv("ACESTEP_MODEL_DIR", str(root))
     assert resolve_checkpoint(None).root == root
@@ -119,7 +93,7 @@ def test_model_dir_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
 def test_complete_cached_snapshot_is_used_without_downloading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hub = use_hub(monkeypatch, FakeHub(tmp_path, cached=True))
+    hub = checkpoint_hub(tmp_path, cached=True).install(monkeypatch)
     assert resolve_checkpoint(None).root == hub.snapshot
     assert hub.downloads == []
     assert hub.calls[0]["allow_patterns"] == ALLOW_PATTERNS
@@ -128,7 +102,7 @@ def test_complete_cached_snapshot_is_used_without_downloading(
 def test_uncached_checkpoint_downloads_only_the_three_folders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hub = use_hub(monkeypatch, FakeHub(tmp_path, cached=False))
+    hub = checkpoint_hub(tmp_path, cached=False).install(monkeypatch)
     paths = resolve_checkpoint(None)
     assert paths.root == hub.snapshot and paths.missing_files() == []
     assert [call["local_files_only"] for call in hub.calls[:1]] == [True]
@@ -145,8 +119,8 @@ def test_uncached_checkpoint_downloads_only_the_three_folders(
 def test_incomplete_cached_snapshot_is_completed_by_a_download(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hub = FakeHub(tmp_path, cached=True, cached_skip="acestep-v15-turbo/silence_latent.pt")
-    use_hub(monkeypatch, hub)
+    hub = checkpoint_hub(tmp_path, cached=False).install(monkeypatch)
+    write_layout(hub.snapshot, skip="acestep-v15-turbo/silence_latent.pt")
     assert resolve_checkpoint(None).missing_files() == []
     assert len(hub.downloads) == 1
 
@@ -154,15 +128,15 @@ def test_incomplete_cached_snapshot_is_completed_by_a_download(
 def test_incomplete_cached_snapshot_without_downloads_names_the_missing_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hub = FakeHub(tmp_path, cached=True, cached_skip="Qwen3-Embedding-0.6B/tokenizer.json")
-    use_hub(monkeypatch, hub)
+    hub = checkpoint_hub(tmp_path, cached=False).install(monkeypatch)
+    write_layout(hub.snapshot, skip="Qwen3-Embedding-0.6B/tokenizer.json")
     with pytest.raises(CheckpointError, match=re.escape("Qwen3-Embedding-0.6B/tokenizer.json")):
         resolve_checkpoint(None, download=False)
     assert hub.downloads == []
 
 
 def test_offline_hub_never_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = use_hub(monkeypatch, FakeHub(tmp_path, cached=False))
+    hub = checkpoint_hub(tmp_path, cached=False).install(monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
         resolve_checkpoint(None)
@@ -172,7 +146,7 @@ def test_offline_hub_never_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_failed_download_is_a_checkpoint_error_saying_how_to_get_the_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hub = use_hub(monkeypatch, FakeHub(tmp_path, cached=False))
+    hub = checkpoint_hub(tmp_path, cached=False).install(monkeypatch)
     hub.fail_download = ConnectionError("Name or service not known")
     with pytest.raises(CheckpointError, match="could not download") as info:
         resolve_checkpoint(None)

@@ -8,6 +8,7 @@ line starts fast and validates without loading a model.
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,11 @@ def test_command_line_and_request_shape_do_not_load_torch():
     assert result.stdout.strip() == "False"
 
 
-def test_generate_does_not_import_the_server():
+SERVING = {"server", "connection", "manager"}
+"""The daemon's own layers: `acestep generate` answers without them."""
+
+
+def test_generate_does_not_import_the_daemon_layers():
     cli = ast.parse((PACKAGE / "cli.py").read_text())
     generate = next(
         n for n in ast.walk(cli) if isinstance(n, ast.FunctionDef) and n.name == "cmd_generate"
@@ -107,4 +112,21 @@ def test_generate_does_not_import_the_server():
         if isinstance(node, ast.ImportFrom)
         for alias in node.names
     }
-    assert not imported & {"server", "acestep_daemon.server"}
+    assert not imported & (SERVING | {f"acestep_daemon.{name}" for name in SERVING})
+
+
+def test_a_generate_run_loads_none_of_the_daemon_layers(tiny_checkpoint: Path, tmp_path: Path):
+    """The whole path (pipeline, writing, the answer line) in a fresh process."""
+    args = ["generate", "--model-dir", str(tiny_checkpoint), "-c", "t", "-d", "1"]
+    args += ["-o", str(tmp_path / "t.wav")]
+    code = (
+        "import json, sys; from acestep_daemon.cli import main; "
+        f"code = main({args!r}); "
+        "names = [m for m in sys.modules if m.startswith('acestep_daemon.')]; "
+        "print(json.dumps(names), file=sys.stderr); raise SystemExit(code)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ok"] is True
+    loaded = {name.split(".")[1] for name in json.loads(result.stderr.splitlines()[-1])}
+    assert "pipeline" in loaded and not loaded & SERVING

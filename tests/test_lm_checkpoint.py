@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from huggingface_hub.errors import LocalEntryNotFoundError
+from fake_hub import FakeHub
 
 from acestep_daemon import checkpoint
 from acestep_daemon.checkpoint import LM_TOKENIZER_FILES, lm_source, resolve_lm
@@ -37,29 +37,6 @@ def write_lm(folder: Path, skip: str | None = None, shards: int = 0) -> Path:
     return folder
 
 
-class FakeHub:
-    """Stands in for huggingface_hub.snapshot_download: one cached repo and a download log."""
-
-    def __init__(self, snapshot: Path, sub: str | None, cached: bool) -> None:
-        self.snapshot, self.sub = snapshot, sub
-        self.calls: list[dict] = []
-        if cached:
-            write_lm(snapshot / (sub or ""))
-
-    def __call__(self, repo_id: str, **kwargs: object) -> str:
-        self.calls.append({"repo_id": repo_id, **kwargs})
-        if kwargs.get("local_files_only"):
-            if not self.snapshot.is_dir():
-                raise LocalEntryNotFoundError("no cached snapshot")
-            return str(self.snapshot)
-        write_lm(self.snapshot / (self.sub or ""))
-        return str(self.snapshot)
-
-    @property
-    def downloads(self) -> list[dict]:
-        return [call for call in self.calls if not call.get("local_files_only")]
-
-
 @pytest.fixture(autouse=True)
 def no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ACESTEP_MODEL_DIR", raising=False)
@@ -68,9 +45,10 @@ def no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def use_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, size: str, cached: bool) -> FakeHub:
-    hub = FakeHub(tmp_path / "snapshot", lm_source(size)[1], cached)
-    monkeypatch.setattr(checkpoint, "snapshot_download", hub)
-    return hub
+    """A hub whose snapshot holds the LM of `size` (in its sub-folder, if it has one)."""
+    sub = lm_source(size)[1] or ""
+    hub = FakeHub(tmp_path / "snapshot", lambda root: write_lm(root / sub), cached=cached)
+    return hub.install(monkeypatch)
 
 
 def test_model_dir_holds_the_lm_folder(tmp_path: Path) -> None:

@@ -59,10 +59,13 @@ def test_bf16_schedule_rounding_matches_the_official_values(shift: float) -> Non
 class RecordingDiT:
     """Stands in for the DiT: records what the sampler feeds it and predicts v = 1."""
 
+    reuse_step_constants = False  # nothing to compute once per run
+
     def __init__(self) -> None:
         self.timesteps: list[torch.Tensor] = []
 
-    def __call__(self, x, timestep, timestep_r, encoder_hidden, context):
+    def __call__(self, x, timestep, timestep_r, encoder_hidden, context, constants):
+        assert constants is None
         assert torch.equal(timestep, timestep_r)
         self.timesteps.append(timestep)
         return torch.ones_like(x)

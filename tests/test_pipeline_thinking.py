@@ -5,7 +5,6 @@ Real code on tiny random weights: the tiny checkpoint, and the tiny LM beside it
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,12 +21,7 @@ from acestep_daemon.planner.metas import LANGUAGES, TIME_SIGNATURES
 CHANNELS = 8  # latent width of the tiny checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,13 +35,7 @@ CODES_FIXTURE = json.loads((FIXTURES / "lm_codes.json").read_text())
 THOUGHT_FIXTURE = json.loads((FIXTURES / "lm_thoughts.json").read_text())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One CPU thread: the official fixture was made so, and tiny layers run faster so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from acestep_daemon.protocol import (
     ProtocolError,
     encode,
     parse_request,
+    success_answer,
 )
 
 
@@ -110,6 +111,26 @@ def test_answers_are_one_line_of_strict_json():
     line = encode({"ok": False, "error": "a\nb \ud800", "code": "internal", "x": float("nan")})
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line, parse_constant=lambda c: pytest.fail(c))["x"] is None
+
+
+def test_success_answer_puts_ace_step_rs_fields_first_and_optional_ones_only_when_given():
+    how = {"device": "cuda:0", "fallback": None, "oom_retries": 0, "vae_chunk_frames": 256}
+    fields = {"path": "/o/a.wav", "duration_s": 2.0, "seed": 7, "timings": {"text": 0.123456}}
+    single = success_answer(**fields, **how, dtype="torch.bfloat16", notes=[])
+    first = ["ok", "path", "duration_s", "sample_rate", "channels", "seed", "timings", "device"]
+    assert list(single)[:8] == first
+    assert single["dtype"] == "bfloat16" and single["timings"] == {"text": 0.1235}
+    assert "thinking" not in single and "takes" not in single
+    takes = [("/o/a-7.wav", 7), ("/o/a-8.wav", 8)]
+    thinking = {"mode": "metas", "inferred": {}, "codes": None}
+    several = success_answer(
+        **fields, **how, dtype="float32", notes=[], thinking=thinking, takes=takes
+    )
+    assert several["thinking"] == thinking
+    assert several["takes"] == [
+        {"path": "/o/a-7.wav", "seed": 7},
+        {"path": "/o/a-8.wav", "seed": 8},
+    ]
 
 
 @settings(max_examples=300, deadline=None)

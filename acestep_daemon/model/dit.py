@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +94,8 @@ class DiTLayer(nn.Module):
 
 @dataclass
 class StepConstants:
-    """What every DiT call of one sampling run shares: computed once, reused by each step."""
+    """What every DiT call of one sampling run shares (`DiT.step_constants`): the sampler
+    computes it once from the condition and passes it to each step."""
 
     cross_keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [B, H, Sc, hd]
     patches: int
@@ -103,19 +103,6 @@ class StepConstants:
     full_mask: torch.Tensor | None  # [1, 1, P, P] additive, None = attend to all
     sliding_mask: torch.Tensor | Band | None
     cross_mask: torch.Tensor | None  # [1, 1, P, Sc] zeros, or None
-
-
-@dataclass
-class _CachedConstants:
-    source: weakref.ref  # the encoder_hidden tensor they were computed from
-    token: tuple  # its version and the weights' identities and versions
-    constants: StepConstants
-
-
-def _version(t: torch.Tensor) -> int | None:
-    """In-place modification counter; inference tensors have none (and cannot be changed
-    outside inference mode)."""
-    return None if t.is_inference() else t._version
 
 
 class DiT(nn.Module):
@@ -144,7 +131,8 @@ class DiT(nn.Module):
         )
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.reuse_step_constants = True
-        """Fast path: compute `StepConstants` once per condition sequence, not at each step."""
+        """Fast path: the samplers compute `step_constants` once per sampling run and pass it
+        to every step; off, each DiT call computes its own, as the official forward does."""
         self.mask_free_attention = True
         """Fast path: pass no mask where every key is attended (full layers, cross-attention,
         and sliding layers whose window covers the sequence) instead of an all-zero one."""
@@ -152,13 +140,16 @@ class DiT(nn.Module):
         """Fast path: sliding layers attend block by block to the keys within their window
         (`Band`) once the sequence is longer than BAND_MIN_WINDOWS windows, instead of
         under a dense [P, P] mask."""
-        self._cache: dict[int, _CachedConstants] = {}
 
     def step_constants(
-        self, encoder_hidden: torch.Tensor, patches: int, dtype: torch.dtype
+        self, encoder_hidden: torch.Tensor, frames: int, dtype: torch.dtype
     ) -> StepConstants:
         """Condition embedding and cross-attention keys/values of encoder_hidden [B, S, D],
-        RoPE tables and self-attention masks for `patches` patches."""
+        RoPE tables and self-attention masks for latents of `frames` frames in `dtype`.
+
+        Compute them with the weights (and any LoRA adapter) the steps will run with.
+        """
+        patches = -(-frames // self.config.patch_size)
         condition = self.condition_embedder(encoder_hidden)  # [B, S, D]
         cross = [layer.cross_attn.keys_values(condition) for layer in self.layers]
         device, window = encoder_hidden.device, self.config.sliding_window
@@ -173,38 +164,6 @@ class DiT(nn.Module):
         cos_sin = rope(patches, self.config, dtype, device)
         return StepConstants(cross, patches, cos_sin, full, sliding, cross_mask)
 
-    def _constants(
-        self, encoder_hidden: torch.Tensor, patches: int, dtype: torch.dtype
-    ) -> StepConstants:
-        """`step_constants`, reused while encoder_hidden (the same tensor object, unchanged)
-        and the weights stay the same; an entry is dropped when its tensor is freed."""
-        if not self.reuse_step_constants:
-            return self.step_constants(encoder_hidden, patches, dtype)
-        weights = list(self.condition_embedder.parameters())
-        projections = [self.condition_embedder]
-        for layer in self.layers:
-            weights += [layer.cross_attn.k_proj.weight, layer.cross_attn.v_proj.weight]
-            weights.append(layer.cross_attn.k_norm.weight)
-            projections += [layer.cross_attn.k_proj, layer.cross_attn.v_proj]
-        token = (
-            _version(encoder_hidden),
-            patches,
-            dtype,
-            self.mask_free_attention,
-            self.banded_attention,
-            *((w.data_ptr(), _version(w)) for w in weights),
-            *(tuple(m._forward_hooks) for m in projections),  # a LoRA applied or removed
-        )
-        key = id(encoder_hidden)
-        entry = self._cache.get(key)
-        if entry is not None and entry.source() is encoder_hidden and entry.token == token:
-            return entry.constants
-        constants = self.step_constants(encoder_hidden, patches, dtype)
-        if entry is None:
-            weakref.finalize(encoder_hidden, self._cache.pop, key, None)
-        self._cache[key] = _CachedConstants(weakref.ref(encoder_hidden), token, constants)
-        return constants
-
     def forward(
         self,
         x: torch.Tensor,
@@ -212,9 +171,14 @@ class DiT(nn.Module):
         timestep_r: torch.Tensor,
         encoder_hidden: torch.Tensor,
         context: torch.Tensor,
+        constants: StepConstants | None = None,
     ) -> torch.Tensor:
         """x [B, T, 64] noisy latents, timestep/timestep_r [B], encoder_hidden [B, S, De],
-        context [B, T, 128] (source latents, chunk mask) -> velocity [B, T, 64]."""
+        context [B, T, 128] (source latents, chunk mask) -> velocity [B, T, 64].
+
+        `constants`: `step_constants(encoder_hidden, T, dtype)`, computed once per sampling
+        run (encoder_hidden is then not read); None computes them for this call.
+        """
         temb_t, modulation_t = self.time_embed(timestep)
         temb_r, modulation_r = self.time_embed_r(timestep - timestep_r)
         temb = temb_t + temb_r  # [B, D]
@@ -225,7 +189,10 @@ class DiT(nn.Module):
         if frames % self.config.patch_size:
             h = F.pad(h, (0, 0, 0, self.config.patch_size - frames % self.config.patch_size))
         h = self.proj_in(h)  # [B, P, D]
-        constants = self._constants(encoder_hidden, h.shape[1], h.dtype)
+        if constants is None:
+            constants = self.step_constants(encoder_hidden, frames, h.dtype)
+        elif constants.patches != h.shape[1]:
+            raise ValueError(f"step constants for {constants.patches} patches, not {h.shape[1]}")
         for index, layer in enumerate(self.layers):
             sliding = self.config.is_sliding(index)
             mask = constants.sliding_mask if sliding else constants.full_mask

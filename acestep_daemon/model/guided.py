@@ -19,7 +19,7 @@ from acestep_daemon.family import GUIDANCE_METHODS
 from .acestep import AceStepModel
 from .dcw import DcwSettings, dcw_correct
 from .guidance import Momentum, adg, apg, cfg
-from .sampler import RepaintInputs, crossfade_repaint, inject_source
+from .sampler import RepaintInputs, crossfade_repaint, inject_source, run_constants
 
 
 def guided_timesteps(
@@ -99,6 +99,7 @@ def sample_guided(
         null = model.null_condition_emb.expand_as(encoder_hidden)
         encoder_hidden = torch.cat([encoder_hidden, null], dim=0)  # [2B, S, De]: cond, null
         context = torch.cat([context, context], dim=0)
+    constants = run_constants(model, encoder_hidden, context)
     momentum = Momentum()
     start, end = interval
     x = noise
@@ -108,7 +109,7 @@ def sample_guided(
         t, t_next = schedule[k], schedule[k + 1]  # 0-d tensors in dtype
         x_in = torch.cat([x, x], dim=0) if guided else x
         t_batch = t * torch.ones((x_in.shape[0],), device=device, dtype=dtype)
-        v = model.decoder(x_in, t_batch, t_batch, encoder_hidden, context)
+        v = model.decoder(x_in, t_batch, t_batch, encoder_hidden, context, constants)
         if guided:
             if start <= t <= end:
                 v = _guide(method, x, v, t, guidance_scale, momentum)

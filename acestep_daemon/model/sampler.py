@@ -17,6 +17,7 @@ from acestep_daemon.family import TURBO_MAX_STEPS
 
 from .acestep import AceStepModel
 from .dcw import DcwSettings, dcw_correct
+from .dit import StepConstants
 
 SHIFT_TIMESTEPS: dict[float, tuple[float, ...]] = {
     1.0: (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125),
@@ -108,6 +109,17 @@ def mix_retake(noise: torch.Tensor, retake_noise: torch.Tensor, variance: float)
     return math.cos(angle) * noise + math.sin(angle) * retake_noise
 
 
+def run_constants(
+    model: AceStepModel, encoder_hidden: torch.Tensor, context: torch.Tensor
+) -> StepConstants | None:
+    """The DiT's step constants for one sampling run over encoder_hidden [B, S, D] and
+    context [B, T, 128], computed once; None (each step computes its own) when the DiT's
+    `reuse_step_constants` fast path is off."""
+    if not model.decoder.reuse_step_constants:
+        return None
+    return model.decoder.step_constants(encoder_hidden, context.shape[1], context.dtype)
+
+
 def inject_source(
     x: torch.Tensor, repaint: RepaintInputs, noise: torch.Tensor, t_next: float
 ) -> torch.Tensor:
@@ -162,13 +174,14 @@ def sample_turbo(
     schedule = torch.tensor(turbo_timesteps(shift, steps), device=device, dtype=dtype)
     steps = len(schedule)
     inject_steps = round(repaint.injection_ratio * steps) if repaint is not None else 0
+    constants = run_constants(model, encoder_hidden, context)
     x = noise
     for k in range(steps):
         if on_step is not None:
             on_step(k, steps)
         t = schedule[k].item()
         t_batch = t * torch.ones((batch,), device=device, dtype=dtype)
-        v = model.decoder(x, t_batch, t_batch, encoder_hidden, context)
+        v = model.decoder(x, t_batch, t_batch, encoder_hidden, context, constants)
         x_before = x
         if k == steps - 1:
             x = x - v * t_batch[:, None, None]  # the last step predicts x0 directly
