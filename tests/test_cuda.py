@@ -8,6 +8,7 @@ as the audio gets longer. `scripts/device-check` runs them on a lent GPU.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import torch
 from model_fixtures import TINY, load_tiny_model, relative_error
 from safetensors.torch import load_file
 from test_model_sampler import bf16_error_budget, load_fp32_result
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from acestep_daemon.checkpoint import resolve_checkpoint
+from acestep_daemon.constants import SAMPLE_RATE
 from acestep_daemon.model import AceStepModel, sample_turbo
 from acestep_daemon.model.vae import OobleckVAE
 from acestep_daemon.params import GenerationParams
@@ -40,8 +43,15 @@ same size on every device)."""
 
 
 @torch.no_grad()
-def tiny_generation(model: AceStepModel, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The fixture's shift-3 text2music case (the official noise) on `device` in `dtype`."""
+def tiny_generation(
+    model: AceStepModel,
+    device: torch.device,
+    dtype: torch.dtype,
+    kernels: list[SDPBackend] | None = None,
+) -> torch.Tensor:
+    """The fixture's shift-3 text2music case (the official noise) on `device` in `dtype`;
+    `kernels` limits the attention kernels of the DiT's sampling (the condition encoder,
+    whose padding needs a mask, runs before)."""
     cases = load_file(TINY / "cases.safetensors")
     model = model.to(device, dtype)
 
@@ -55,7 +65,9 @@ def tiny_generation(model: AceStepModel, device: torch.device, dtype: torch.dtyp
     )
     source = put("generate.silence_latent")[:, :17].repeat(2, 1, 1)
     context = model.build_context(source, torch.ones(2, 17, dtype=dtype, device=device))
-    return sample_turbo(model, put("generate.noise"), hidden, context, 3.0).float().cpu()
+    with sdpa_kernel(kernels) if kernels else contextlib.nullcontext():
+        out = sample_turbo(model, put("generate.noise"), hidden, context, 3.0)
+    return out.float().cpu()
 
 
 def test_dit_in_bf16_on_cuda_stays_within_twice_the_official_bf16_error() -> None:
@@ -67,17 +79,19 @@ def test_dit_in_bf16_on_cuda_stays_within_twice_the_official_bf16_error() -> Non
 def test_mask_free_attention_runs_in_the_flash_kernel_and_equals_the_dense_masks() -> None:
     """With every key attended (window 64 covers the 9 patches) the fast path hands sdpa no
     mask at all, so the flash kernel alone (which takes none) must be able to run it."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     dense = load_tiny_model(sliding_window=64)
     dense.decoder.mask_free_attention = False
     masked = tiny_generation(dense, CUDA, torch.bfloat16)
     fast = load_tiny_model(sliding_window=64)
     fast.decoder.mask_free_attention = True
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        flash = tiny_generation(fast, CUDA, torch.bfloat16)
-    # The CPU fast-path test's bound (a small part of the 6.9 % bf16 budget).
-    assert relative_error(flash, masked) <= 1e-2
+    flash = tiny_generation(fast, CUDA, torch.bfloat16, [SDPBackend.FLASH_ATTENTION])
+    # Two kernels round bf16 differently: on the CPU, moving half the noise by one bf16 ulp
+    # (a stand-in for other kernels) moves the output 0.65-1.3 % (test_model_sampler.py), and
+    # the math and flash kernels there land 0.95 % apart; 3 % allows twice the worst of it.
+    assert relative_error(flash, masked) <= 3e-2
+    fp32 = tiny_generation(load_tiny_model(sliding_window=64), torch.device("cpu"), torch.float32)
+    for out in (flash, masked):  # and each is as near the fp32 run as bf16 allows
+        assert relative_error(out, fp32) <= bf16_error_budget()
 
 
 def test_pipeline_in_bf16_on_cuda_tracks_the_cpu_fp32_run(tiny_checkpoint: Path) -> None:
@@ -115,7 +129,7 @@ def test_daemon_on_cuda_answers_with_a_file_and_reports_bf16(
         assert answer["ok"] is True, answer
         assert answer["device"].startswith("cuda") and answer["dtype"] == "bfloat16", answer
         assert answer["fallback"] is None and output.is_file()
-        assert output.stat().st_size > 2 * 48_000  # two seconds of real samples
+        assert output.stat().st_size > 2 * SAMPLE_RATE  # two seconds of real samples
 
 
 def test_cuda_oom_falls_back_to_the_cpu_keeps_the_request_and_returns_home(
