@@ -587,11 +587,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"device: {report['device']}, dtype: {report['dtype']}, torch {report['torch']}, "
         f"threads: {report['threads']}, fast paths: {'on' if report['fast_paths'] else 'off'}, "
         f"model: {report['model']}{load}",
-        "",
-        "| duration (s) | text (s) | condition (s) | diffusion (s) | VAE decode (s) "
-        "| write (s) | total (s) | × real time | peak memory (GiB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if report["durations"]:  # none with --lm-only
+        lines += [
+            "",
+            "| duration (s) | text (s) | condition (s) | diffusion (s) | VAE decode (s) "
+            "| write (s) | total (s) | × real time | peak memory (GiB) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for row in report["durations"]:
         s = row["ours"]
         cells = [f"{s[key]:.3f}" for key in (*STAGES, "total")]
