@@ -214,6 +214,8 @@ def _hub_offline() -> bool:
 LM_SIZES = ("0.6B", "1.7B", "4B")
 DEFAULT_LM = "1.7B"
 """The LM the official API defaults to; it ships inside the main repo."""
+TINY_LM = "0.6B"
+"""The LM whose layout the tiny checkpoint's LM has (and so the size `--model tiny` uses)."""
 LM_TOKENIZER_FILES = (
     "config.json",
     "tokenizer.json",

@@ -26,7 +26,7 @@ from pydantic_core import PydanticUndefined
 from tqdm import tqdm
 
 from acestep_daemon import client, paths, units
-from acestep_daemon.checkpoint import DEFAULT_LM, LM_SIZES
+from acestep_daemon.checkpoint import DEFAULT_LM, LM_SIZES, TINY_LM
 from acestep_daemon.family import DEFAULT_MODEL, MODELS
 from acestep_daemon.options import ServerOptions
 from acestep_daemon.params import Flag
@@ -116,12 +116,16 @@ def _add_lm(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lm",
         choices=(*LM_SIZES, "none"),
-        default=DEFAULT_LM,
-        help="5 Hz LM planner for `thinking` requests, loaded on first use (%(default)s)",
+        default=None,
+        help=f"5 Hz LM planner for `thinking` requests, loaded on first use ({DEFAULT_LM}; "
+        f"{TINY_LM} with a tiny model, whose checkpoint brings a tiny LM of that layout)",
     )
 
 
 def _lm_size(args: argparse.Namespace) -> str | None:
+    """--lm as a size; None for `none`. Unset: the tiny checkpoint's LM, or DEFAULT_LM."""
+    if args.lm is None:
+        return TINY_LM if args.model.startswith(TINY_PREFIX) else DEFAULT_LM
     return None if args.lm == "none" else args.lm
 
 
@@ -213,10 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
     model_dir = args.model_dir
     model = args.model.removeprefix(TINY_PREFIX)
     if args.model.startswith(TINY_PREFIX):
-        from acestep_daemon.tiny import make_tiny_checkpoint
-
-        tiny_dir = Path(tempfile.mkdtemp(prefix="acestep-tiny-"))
-        model_dir = make_tiny_checkpoint(tiny_dir / "checkpoint", variant=model)
+        tiny_dir, model_dir = _tiny_checkpoint(model)
         logger.warning(
             "*** --model %s: serving a TINY checkpoint with RANDOM weights from %s. "
             "It answers the protocol but every file it writes is noise, not music. ***",
@@ -264,6 +265,15 @@ TINY_PREFIX = "tiny-"
 MODEL_CHOICES = (*MODELS, *(TINY_PREFIX + name for name in MODELS))
 
 
+def _tiny_checkpoint(model: str) -> tuple[Path, Path]:
+    """(temporary folder to remove, model folder): a fresh tiny checkpoint of `model` with
+    the tiny 5 Hz LM beside its DiT, as in a real model folder."""
+    from acestep_daemon.tiny import make_tiny_checkpoint
+
+    tiny_dir = Path(tempfile.mkdtemp(prefix="acestep-tiny-"))
+    return tiny_dir, make_tiny_checkpoint(tiny_dir / "checkpoint", variant=model, lm=True)
+
+
 def _model_name(text: str) -> str:
     """`tiny` is kept as the short name of `tiny-turbo`."""
     return f"{TINY_PREFIX}{DEFAULT_MODEL}" if text == "tiny" else text
@@ -292,7 +302,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         choices=MODEL_CHOICES,
         default=DEFAULT_MODEL,
         help="the DiT: turbo, xl-turbo, sft, base, xl-sft or xl-base; 'tiny-<name>' (or "
-        "'tiny') serves a freshly made tiny checkpoint with RANDOM weights (protocol tests)",
+        "'tiny') uses a freshly made tiny checkpoint with RANDOM weights and a tiny 5 Hz LM "
+        "(protocol tests)",
     )
 
 
@@ -501,7 +512,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     _add_fields(p, GenerateRequest, skip={"progress"})
     p.add_argument("--float-wav", action="store_true", help="32-bit float WAV")
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
-    p.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL, help="the DiT (turbo)")
+    _add_model(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     _add_lm(p)
@@ -524,23 +535,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if value is None:
             print(f"acestep generate: {flag} is required", file=sys.stderr)
             return 2
+    model, model_dir, tiny_dir = args.model.removeprefix(TINY_PREFIX), args.model_dir, None
     try:
         request = protocol.GenerateRequest.model_validate(request_fields(args))
         output = Path(request.output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        problem = request.model_problem(MODELS[args.model])
+        problem = request.model_problem(MODELS[model])
         if problem is not None:
             print(f"acestep generate: {problem}", file=sys.stderr)
             return 2
         started = time.perf_counter()
-        checkpoint = resolve_checkpoint(args.model_dir, model=args.model)
+        if args.model.startswith(TINY_PREFIX):
+            tiny_dir, model_dir = _tiny_checkpoint(model)
+            print(f"acestep generate: --model {args.model}: RANDOM weights, noise", file=sys.stderr)
+        checkpoint = resolve_checkpoint(model_dir, model=model)
         pipeline = Pipeline.load(
             checkpoint,
             device=args.device,
             dtype=_torch_dtype(args.dtype),
-            model=args.model,
+            model=model,
             lm_size=_lm_size(args),
-            lm_model_dir=args.model_dir,
+            lm_model_dir=model_dir,
         )
         loaded = time.perf_counter()
         with _TerminalProgress() as progress:
@@ -562,6 +577,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (AceStepError, OSError) as error:
         print(f"acestep generate: {error}", file=sys.stderr)
         return 1
+    finally:
+        if tiny_dir is not None:
+            shutil.rmtree(tiny_dir, ignore_errors=True)
     timings = {
         "load": loaded - started,
         **audio.timings,
@@ -623,7 +641,7 @@ def _add_make_tiny_checkpoint(subparsers: argparse._SubParsersAction) -> None:
 def cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
     from acestep_daemon.tiny import make_tiny_checkpoint
 
-    print(make_tiny_checkpoint(args.dest, seed=args.seed, variant=args.variant))
+    print(make_tiny_checkpoint(args.dest, seed=args.seed, variant=args.variant, lm=True))
     return 0
 
 

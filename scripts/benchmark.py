@@ -5,6 +5,8 @@
     scripts/benchmark.py --model tiny --durations 1 --repeats 1  # plumbing check (CI)
     scripts/benchmark.py --random-full --durations 10 --dtype bf16 \\
         --reference UPSTREAM_CHECKOUT --reference-python UPSTREAM_VENV/bin/python
+    scripts/benchmark.py --random-full --lm 0.6B --lm-only --durations 10 \\
+        --reference UPSTREAM_CHECKOUT --reference-python UPSTREAM_VENV/bin/python
 
 Per duration: one warm-up generation, then `--repeats` timed ones; the table shows the
 median of each stage (text encoding, condition encoding, diffusion, VAE decode, WAV write),
@@ -19,6 +21,16 @@ in the reference's Python (`--reference-python`); our side then also runs in a f
 process, the two alternate, one model in memory at a time, and the table adds official/ours
 per stage and an output check (max |official - ours| / max |official| for the final latents
 and for the decode of our latents).
+
+The 5 Hz LM planner (`--lm SIZE`; on `--model tiny` its tiny LM by default, `--lm none` skips
+it): per duration, in fresh processes, one warm-up plan and then one timed plan per repeat
+(the caption's thought under guidance, then duration·5 audio codes); medians of the thought's
+tokens per second and the codes per second, and the peak memory. `--random-full` also writes a
+full-size random LM of that size (the real config, a tokenizer of the real length with the
+audio codes last). With `--reference DIR` the official PyTorch LM path
+(`scripts/benchmark_official_lm.py`, the official constrained decoding and guidance) plans
+the same request on the same weights, alternating with ours. `--lm-only` measures the planner
+alone.
 
 Also measured, with the tiny checkpoint: daemon overhead per request (socket round trip
 minus the answer's `timings.total`, the job's whole time in the worker, the file write
@@ -51,13 +63,23 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from acestep_daemon.audio import write_audio  # noqa: E402
-from acestep_daemon.checkpoint import CheckpointPaths, resolve_checkpoint  # noqa: E402
+from acestep_daemon.checkpoint import (  # noqa: E402
+    LM_SIZES,
+    TINY_LM,
+    CheckpointPaths,
+    lm_folder_name,
+    resolve_checkpoint,
+    resolve_lm,
+)
 from acestep_daemon.model import AceStepModel  # noqa: E402
 from acestep_daemon.model.vae import OobleckVAE  # noqa: E402
 from acestep_daemon.params import GenerationParams  # noqa: E402
 from acestep_daemon.pipeline import Pipeline, default_dtype  # noqa: E402
+from acestep_daemon.planner import LMRunner, PlanRequest, make_plan  # noqa: E402
+from acestep_daemon.planner.plan import PhaseProgress  # noqa: E402
 from acestep_daemon.tiny import make_tiny_checkpoint  # noqa: E402
 from acestep_daemon.tiny.checkpoint import DIT_CONFIG, VAE_CONFIG  # noqa: E402
+from acestep_daemon.tiny.lm import LM_FOLDER, write_tiny_lm_tokenizer  # noqa: E402
 from acestep_daemon.tiny.weights import random_tensor  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -65,6 +87,7 @@ STAGES = ("text", "condition", "diffusion", "vae", "write")
 OFFICIAL_STAGES = ("condition", "diffusion", "vae")
 DEFAULT_DURATIONS = (10.0, 30.0, 60.0, 240.0, 600.0)
 CAPTION = "benchmark: upbeat jazz trio, brushed drums, walking bass"
+LYRICS = "[Instrumental]"
 FIXTURES = REPO / "tests" / "fixtures"
 DAEMON_REQUESTS = 20
 STATUS_SECONDS = 2.0
@@ -294,6 +317,207 @@ def compare_with_official(
     }
 
 
+# -- the 5 Hz LM planner --------------------------------------------------------------------
+
+LM_WIDTHS: dict[str, dict[str, int]] = {
+    "0.6B": {},
+    "1.7B": {"hidden_size": 2048, "intermediate_size": 6144},
+    "4B": {
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 36,
+        "max_window_layers": 36,
+    },
+}
+"""How the real 1.7B and 4B configs differ from the 0.6B one (the Qwen3 sizes)."""
+OFFICIAL_LM = "benchmark_official_lm.py"
+LM_STATS = ("thought_s", "thought_tokens", "thought_tok_s", "codes_s", "codes", "codes_per_s")
+
+
+def write_random_full_lm(dest: Path, size: str, seed: int = 0) -> Path:
+    """A full-size random 5 Hz LM of `size` in the real layout: dest/acestep-5Hz-lm-<size>/.
+
+    The config is the real 0.6B one (tests/fixtures) with the widths of `size`; the tokenizer
+    is the tiny LM's, padded to the real 217,204 tokens so that the audio codes sit last, as
+    in the real one (and the official constrained decoding, which sizes its masks by the
+    tokenizer, runs on it); weights drawn like the tiny checkpoint's, in float32.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    folder = dest / lm_folder_name(size)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads((FIXTURES / "acestep-5Hz-lm-0.6B.config.json").read_text())
+    config |= LM_WIDTHS[size]
+    config["layer_types"] = ["full_attention"] * config["num_hidden_layers"]
+    tokenizer = write_tiny_lm_tokenizer(folder, vocab_size=config["vocab_size"])
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    config |= {"bos_token_id": pad, "pad_token_id": pad}
+    config["eos_token_id"] = tokenizer.token_to_id("<|im_end|>")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config.from_dict(config))
+        shapes = {k: t.shape for k, t in model.state_dict().items() if k != "lm_head.weight"}
+    generator = torch.Generator().manual_seed(seed)
+    write_safetensors(
+        folder / "model.safetensors", shapes, lambda n, s: random_tensor(n, s, generator)
+    )
+    return folder
+
+
+def add_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lm",
+        nargs="?",
+        const=TINY_LM,
+        choices=(*LM_SIZES, "none"),
+        help=f"measure the 5 Hz LM planner of this size (alone: {TINY_LM}; on --model tiny "
+        "its tiny LM is measured unless --lm none)",
+    )
+    parser.add_argument("--lm-only", action="store_true", help="measure the planner alone")
+    parser.add_argument("--lm-worker", type=Path, help=argparse.SUPPRESS)
+
+
+def lm_under_test(args: argparse.Namespace, tiny: Path, scratch: Path) -> Path | None:
+    """The LM folder `--lm` names for this source of weights, or None: no planner run."""
+    if args.lm == "none" or (args.lm is None and args.model != "tiny"):
+        return None
+    size = args.lm or TINY_LM
+    if args.model == "tiny":
+        if size != TINY_LM:
+            raise SystemExit(f"--model tiny brings a tiny LM in the {TINY_LM} layout only")
+        return tiny / LM_FOLDER
+    if args.random_full:
+        root = scratch / "random-full" if args.random_full is True else Path(args.random_full)
+        done = root / lm_folder_name(size) / "complete"
+        folder = done.parent if done.exists() else write_random_full_lm(root, size)
+        done.touch()
+        return folder
+    return resolve_lm(size, args.model_dir)
+
+
+def timed_plan(runner: LMRunner, duration: float, seed: int) -> dict[str, float]:
+    """One full plan (the thought, then the codes) of the benchmark caption, timed per phase."""
+    marks: dict[str, float] = {}
+    counts = {"metas": 0, "codes": 0}
+
+    def note(phase: str) -> Callable[[int, int], None]:
+        def progress(count: int, of: int) -> None:
+            counts[phase] = count
+            marks[phase] = time.perf_counter()
+
+        return progress
+
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else lambda: None
+    request = PlanRequest(CAPTION, lyrics=LYRICS, duration_s=duration, seed=seed)
+    sync()
+    start = time.perf_counter()
+    make_plan(runner, request, "full", PhaseProgress(note("metas"), note("codes")))
+    sync()
+    return {
+        "thought_s": marks["metas"] - start,
+        "thought_tokens": counts["metas"],
+        "codes_s": time.perf_counter() - marks["metas"],
+        "codes": counts["codes"],
+    }
+
+
+def lm_worker(args: argparse.Namespace) -> int:
+    """`--lm-worker FOLDER`: load the LM in this fresh process, warm up, time one plan."""
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    runner = LMRunner.load(args.lm_worker, device, DTYPES[args.dtype])
+    load_s = time.perf_counter() - start
+    runner.code_rows_only = not args.no_fast_paths
+    timed_plan(runner, args.durations[0], seed=0)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = timed_plan(runner, args.durations[0], seed=1)
+    print(json.dumps(timed | {"load_s": load_s, "peak_gib": peak_memory_gib(device)}))
+    return 0
+
+
+def lm_medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Medians over rounds of times, counts and rates; the largest peak and the load time."""
+    runs = [
+        run
+        | {
+            "thought_tok_s": run["thought_tokens"] / run["thought_s"],
+            "codes_per_s": run["codes"] / run["codes_s"],
+        }
+        for run in runs
+    ]
+    medians = {key: statistics.median(run[key] for run in runs) for key in LM_STATS}
+    return medians | {
+        "load_s": statistics.median(run["load_s"] for run in runs),
+        "peak_gib": max(run["peak_gib"] for run in runs),
+    }
+
+
+def measure_lm(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Our planner (and the official one with --reference) per duration, `--repeats` rounds
+    of alternating fresh processes."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    rows = []
+    for duration in args.durations:
+        ours, official = [], []
+        for _ in range(args.repeats):
+            command = [sys.executable, __file__, "--lm-worker", str(folder), "--device"]
+            command += [args.device, "--dtype", args.dtype, "--durations", str(duration)]
+            command += ["--no-fast-paths"] * args.no_fast_paths
+            ours.append(subprocess_json([*command, "--threads", str(args.threads)], env))
+            if args.reference:
+                command = [args.reference_python, str(REPO / "scripts" / OFFICIAL_LM)]
+                command += ["--reference", str(args.reference), "--lm", str(folder)]
+                command += ["--duration", str(duration), "--caption", CAPTION, "--lyrics", LYRICS]
+                command += ["--device", args.device, "--dtype", args.dtype]
+                official.append(subprocess_json([*command, "--threads", str(args.threads)]))
+        row = {"duration_s": duration, "ours": lm_medians(ours)}
+        if official:
+            row["official"] = lm_medians(official)
+        rows.append(row)
+    return {"folder": folder.name, "durations": rows}
+
+
+def lm_markdown(lm: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"5 Hz LM planner ({lm['folder']}; thought under guidance, then duration·5 codes):",
+        "",
+        "| duration (s) | thought tokens | thought (s) | thought tok/s | codes | codes (s) "
+        "| codes/s | load (s) | peak memory (GiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in lm["durations"]:
+        o = row["ours"]
+        lines.append(
+            f"| {row['duration_s']:g} | {o['thought_tokens']:.0f} | {o['thought_s']:.2f} "
+            f"| {o['thought_tok_s']:.1f} | {o['codes']:.0f} | {o['codes_s']:.2f} "
+            f"| {o['codes_per_s']:.2f} | {o['load_s']:.1f} | {o['peak_gib']:.2f} |"
+        )
+    rows = [row for row in lm["durations"] if "official" in row]
+    if rows:
+        lines += [
+            "",
+            "Official PyTorch LM path / ours (same weights and request, alternating processes):",
+            "",
+            "| duration (s) | thought tok/s: official → ours | codes/s: official → ours "
+            "| official thought tokens | official peak (GiB) |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            o, s = row["official"], row["ours"]
+            cells = [
+                f"{o[k]:.2f} → {s[k]:.2f} ({s[k] / o[k]:.2f}×)"
+                for k in ("thought_tok_s", "codes_per_s")
+            ]
+            lines.append(
+                f"| {row['duration_s']:g} | {' | '.join(cells)} | {o['thought_tokens']:.0f} "
+                f"| {o['peak_gib']:.2f} |"
+            )
+    return lines
+
+
 # -- the daemon -----------------------------------------------------------------------------
 
 
@@ -362,15 +586,19 @@ def measure_daemon(checkpoint: Path, scratch: Path, requests: int) -> dict[str, 
 
 
 def markdown(report: dict[str, Any]) -> str:
+    load = f", load: {report['load_s']:.1f} s" if "load_s" in report else ""
     lines = [
         f"device: {report['device']}, dtype: {report['dtype']}, torch {report['torch']}, "
         f"threads: {report['threads']}, fast paths: {'on' if report['fast_paths'] else 'off'}, "
-        f"model: {report['model']}, load: {report['load_s']:.1f} s",
-        "",
-        "| duration (s) | text (s) | condition (s) | diffusion (s) | VAE decode (s) "
-        "| write (s) | total (s) | × real time | peak memory (GiB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"model: {report['model']}{load}",
     ]
+    if report["durations"]:  # none with --lm-only
+        lines += [
+            "",
+            "| duration (s) | text (s) | condition (s) | diffusion (s) | VAE decode (s) "
+            "| write (s) | total (s) | × real time | peak memory (GiB) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for row in report["durations"]:
         s = row["ours"]
         cells = [f"{s[key]:.3f}" for key in (*STAGES, "total")]
@@ -405,6 +633,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{d['overhead_ms']:.1f} ms per request (round trip − the job's time in the worker), "
             f"`status` {d['status_per_s']:.0f} requests/s",
         ]
+    if "lm" in report:
+        lines += lm_markdown(report["lm"])
     return "\n".join(lines)
 
 
@@ -429,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, help="official ACE-Step 1.5 checkout")
     parser.add_argument("--reference-python", default=sys.executable)
     parser.add_argument("--daemon-requests", type=int, default=DAEMON_REQUESTS)
+    add_lm_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -436,11 +667,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.worker:
         return ours_worker(args)
+    if args.lm_worker:
+        return lm_worker(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        tiny = make_tiny_checkpoint(scratch / "tiny")
-        if args.model == "tiny":
+        tiny = make_tiny_checkpoint(scratch / "tiny", lm=True)
+        if args.model == "tiny" or args.lm_only:  # the DiT checkpoint is not needed then
             checkpoint = tiny
         elif args.random_full:
             folder = scratch / "random-full" if args.random_full is True else Path(args.random_full)
@@ -468,12 +701,13 @@ def main(argv: list[str] | None = None) -> int:
             "durations": [],
         }
         pipeline = None
-        if not args.reference:  # with it, each side loads in its own process, one at a time
+        dit_durations = [] if args.lm_only else args.durations
+        if not args.reference and dit_durations:  # with it, each side loads in its own process
             start = time.perf_counter()
             pipeline = Pipeline.load(CheckpointPaths(checkpoint), device, DTYPES[args.dtype])
             report["load_s"] = time.perf_counter() - start
             set_fast_paths(pipeline, not args.no_fast_paths)
-        for duration in args.durations:
+        for duration in dit_durations:
             if pipeline is None:
                 row = compare_with_official(args, checkpoint, duration, scratch)
                 report.setdefault("load_s", row["ours_load_s"])
@@ -481,8 +715,12 @@ def main(argv: list[str] | None = None) -> int:
                 stages, _ = run_ours(pipeline, duration, args.repeats, scratch)
                 row = {"ours": stages, "ours_peak_gib": peak_memory_gib(device)}
             report["durations"].append({"duration_s": duration, **row})
-        if args.daemon_requests > 0:
+        if args.daemon_requests > 0 and not args.lm_only:
             report["daemon"] = measure_daemon(tiny, scratch, args.daemon_requests)
+        lm = lm_under_test(args, tiny, scratch)
+        if lm is not None:
+            del pipeline  # one model in memory at a time
+            report["lm"] = measure_lm(args, lm)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
 

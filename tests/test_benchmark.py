@@ -1,5 +1,5 @@
-"""scripts/benchmark.py runs end to end on the tiny checkpoint (so it never rots; no timings
-are asserted: speed is what the script reports, not what a test decides)."""
+"""scripts/benchmark.py runs end to end on the tiny checkpoint and its tiny 5 Hz LM (so it never
+rots; no timings are asserted: speed is what the script reports, not what a test decides)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "benchmark.py"
 STAGES = {"text", "condition", "diffusion", "vae", "write", "total"}
+LM_STATS = {"thought_s", "thought_tokens", "thought_tok_s", "codes_s", "codes", "codes_per_s"}
 
 
 def run(*args: str) -> str:
@@ -40,6 +41,10 @@ def test_tiny_benchmark_prints_a_markdown_table_with_every_stage() -> None:
     assert len(row.strip("|").split("|")) == 9
     assert "daemon (tiny checkpoint): ready" in out
     assert "requests/s" in out
+    assert "5 Hz LM planner (acestep-5Hz-lm-0.6B;" in out
+    assert "| duration (s) | thought tokens | thought (s) | thought tok/s | codes |" in out
+    lm_row = [line for line in out.splitlines() if line.startswith("| 1 |")][1]
+    assert len(lm_row.strip("|").split("|")) == 9
 
 
 def test_tiny_benchmark_json_has_stage_times_memory_and_daemon_figures() -> None:
@@ -58,3 +63,20 @@ def test_tiny_benchmark_json_has_stage_times_memory_and_daemon_figures() -> None
     assert daemon["ready_s"] > 0
     assert daemon["status_per_s"] > 0
     assert daemon["overhead_ms"] > 0
+    lm = report["lm"]
+    assert lm["folder"] == "acestep-5Hz-lm-0.6B"
+    (row,) = lm["durations"]
+    assert row["duration_s"] == 1 and "official" not in row
+    ours = row["ours"]
+    assert set(ours) >= LM_STATS
+    assert ours["codes"] == 5  # 5 codes per second of song
+    assert ours["thought_tokens"] > 10 and ours["thought_tok_s"] > 0 and ours["codes_per_s"] > 0
+    assert ours["peak_gib"] > 0 and ours["load_s"] > 0
+
+
+def test_lm_none_skips_the_planner_and_lm_only_skips_the_rest() -> None:
+    assert "lm" not in json.loads(run("--json", "--lm", "none", "--daemon-requests", "0"))
+    out = run("--lm-only")
+    assert "| duration (s) | text (s)" not in out and "daemon" not in out
+    assert "| duration (s) | thought tokens |" in out
+    assert any(line.startswith("| 1 | ") and "| 5 |" in line for line in out.splitlines())

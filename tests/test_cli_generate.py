@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -134,3 +135,23 @@ def test_generate_with_thinking_reports_what_the_planner_chose(tiny_checkpoint_w
     assert answer["ok"] is True and output.is_file()
     assert answer["thinking"]["mode"] == "metas"
     assert set(answer["thinking"]["inferred"]) == {"key", "time_signature", "language"}
+
+
+def test_generate_model_tiny_thinks_without_a_model_folder(tmp_path):
+    output = tmp_path / "tiny.wav"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACESTEP_")}
+    command = [sys.executable, "-m", "acestep_daemon", "generate", "--model", "tiny"]
+    flags = ("--thinking", "metas", "-c", "lofi", "-d", "2", "-o", str(output))
+    result = subprocess.run(
+        [*command, *flags],
+        env=env | {"HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    answer = summary(result)
+    assert answer["ok"] is True and output.is_file()
+    assert answer["thinking"]["mode"] == "metas"
+    assert set(answer["thinking"]["inferred"]) == {"bpm", "key", "time_signature", "language"}
+    assert "RANDOM weights" in result.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,3 +100,32 @@ def test_oom_in_the_planner_runs_the_lm_on_the_cpu_and_keeps_the_request(
         assert (answer["fallback"], answer["dtype"]) == ("lm-cpu", "bfloat16")
         again = daemon.ask({"caption": "x", "duration_s": 1, "thinking": "metas"})
         assert again["ok"] and again["fallback"] is None and again["oom_retries"] == 0
+
+
+def acestep_request(daemon: Daemon, *flags: str) -> dict:
+    """`acestep request FLAGS` against `daemon`, as a user types it; the answer line."""
+    env = daemon_env(daemon.tmp, ACESTEP_SOCKET=str(daemon.socket))
+    command = [sys.executable, "-m", "acestep_daemon", "request", *flags]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 1), done.stderr
+    return json.loads(done.stdout)
+
+
+def test_model_tiny_thinks_out_of_the_box_as_in_the_quick_start(tmp_path: Path):
+    # README's quick start: `scripts/serve --model tiny`, no model folder, no --lm, offline
+    with running(tmp_path, "--model", "tiny") as daemon:
+        for mode, codes in (("full", 10), ("metas", None)):
+            answer = acestep_request(daemon, "-c", "lofi", "--thinking", mode, "--duration", "2")
+            assert answer["ok"] is True, answer
+            assert answer["thinking"]["mode"] == mode and answer["thinking"]["codes"] == codes
+            assert Path(answer["path"]).is_file()
+        status = daemon.status()
+        assert (status["lm"], status["lm_loaded"]) == ("0.6B", True)
+
+
+def test_model_tiny_with_lm_none_refuses_thinking(tmp_path: Path):
+    with running(tmp_path, "--model", "tiny", "--lm", "none") as daemon:
+        answer = acestep_request(daemon, "-c", "lofi", "--thinking", "metas", "--duration", "2")
+        assert answer["ok"] is False and "--lm none" in answer["error"]
+        assert daemon.status()["lm"] is None
+        assert acestep_request(daemon, "-c", "lofi", "--duration", "1")["ok"] is True

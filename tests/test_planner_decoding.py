@@ -230,8 +230,17 @@ def test_thought_fixture_catches_a_changed_guidance(runner: LMRunner, change: di
 @pytest.mark.parametrize(
     "case", CODES_FIXTURE["cases"], ids=[f"cfg{c['cfg_scale']}" for c in CODES_FIXTURE["cases"]]
 )
-def test_codes_equal_the_official_decoder_for_the_same_seed(runner: LMRunner, case: dict) -> None:
-    assert official_case_codes(runner, case) == case["codes"]
+@pytest.mark.parametrize("code_rows_only", [True, False], ids=["code-rows", "whole-head"])
+def test_codes_equal_the_official_decoder_for_the_same_seed(
+    runner: LMRunner, case: dict, code_rows_only: bool
+) -> None:
+    # the fast path (only the audio-code rows of the output head) changes nothing
+    assert runner.codes.rows is not None
+    runner.code_rows_only = code_rows_only
+    try:
+        assert official_case_codes(runner, case) == case["codes"]
+    finally:
+        runner.code_rows_only = True
 
 
 @pytest.mark.parametrize(

@@ -216,6 +216,14 @@ class CodeVocabulary:
         self._code_of = torch.full((vocab_size,), -1, dtype=torch.long)  # [V], token -> code
         self._code_of[self.token_ids] = torch.arange(CODEBOOK_SIZE)
 
+    @property
+    def rows(self) -> slice | None:
+        """The code tokens as one contiguous id range (as in the real tokenizer), else None."""
+        first = int(self.token_ids[0])
+        if torch.equal(self.token_ids, torch.arange(first, first + CODEBOOK_SIZE)):
+            return slice(first, first + CODEBOOK_SIZE)
+        return None
+
     def codes_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """Audio codes of allowed tokens [N] (any device) -> [N] long on the CPU."""
         return self._code_of[tokens.cpu()]

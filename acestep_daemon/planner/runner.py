@@ -3,8 +3,10 @@
 Both prompts of classifier-free guidance (conditional, unconditional) run as one batch of
 two left-padded rows sharing one KV cache; each step feeds the same chosen token(s) to both
 rows, as the official PyTorch path does. Forced runs of the thought (field names, given
-values) are fed in one forward instead of one token at a time. A progress callback is
-called as tokens come; an exception raised in it stops decoding (cancellation).
+values) are fed in one forward instead of one token at a time. In the code phase only the
+audio-code rows of the output head are computed (`LMRunner.code_rows_only`): the other
+logits would be masked anyway, and the head is a third of the 0.6B LM's weights. A progress
+callback is called as tokens come; an exception raised in it stops decoding (cancellation).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_fast import PreTrainedTokenizerFast
 
@@ -27,9 +30,14 @@ class _Streams:
     """The conditional row (and the unconditional one under guidance) with their KV cache."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str]
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerFast,
+        prompts: list[str],
+        rows: slice | None = None,
     ) -> None:
         self._model = model
+        self._rows = rows  # output-head rows to compute; None: all
         device = model.device
         batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
         self._mask = batch["attention_mask"].to(device)  # [S, T]
@@ -38,16 +46,18 @@ class _Streams:
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [S, k] appended to the cache -> logits of the last position [S, V]."""
-        out = self._model(
-            input_ids=ids,
-            attention_mask=self._mask,
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        """ids [S, k] appended to the cache -> logits of the last position [S, V] (or of
+        the head rows [S, R])."""
+        inputs = {"input_ids": ids, "attention_mask": self._mask, "past_key_values": self._cache}
+        if self._rows is None:
+            out = self._model(**inputs, use_cache=True, logits_to_keep=1)
+            self._cache = out.past_key_values
+            return out.logits[:, -1]
+        out = self._model.model(**inputs, use_cache=True)
         self._cache = out.past_key_values
-        return out.logits[:, -1]
+        head = self._model.lm_head
+        bias = None if head.bias is None else head.bias[self._rows]
+        return F.linear(out.last_hidden_state[:, -1], head.weight[self._rows], bias)  # [S, R]
 
     def feed(self, tokens: list[int] | torch.Tensor) -> None:
         """Append the same tokens (a list, or a [k] tensor on the device) to every row."""
@@ -71,6 +81,7 @@ class LMRunner:
         self.tokenizer = tokenizer
         self.grammar = ThoughtGrammar(tokenizer)
         self.codes = CodeVocabulary(tokenizer, model.config.vocab_size)
+        self.code_rows_only = True  # fast path: the code phase computes the code rows alone
 
     @classmethod
     def load(cls, folder: Path, device: torch.device | str, dtype: torch.dtype) -> LMRunner:
@@ -88,9 +99,11 @@ class LMRunner:
         self.model.to(device, dtype)
         return self
 
-    def _streams(self, cond: str, uncond: str, options: SamplingOptions) -> _Streams:
+    def _streams(
+        self, cond: str, uncond: str, options: SamplingOptions, rows: slice | None = None
+    ) -> _Streams:
         prompts = [cond, uncond] if options.guided else [cond]
-        return _Streams(self.model, self.tokenizer, prompts)
+        return _Streams(self.model, self.tokenizer, prompts, rows)
 
     def write_thought(
         self,
@@ -135,11 +148,17 @@ class LMRunner:
 
         `progress` is called every `every` codes and after the last.
         """
-        streams = self._streams(cond_prompt, uncond_prompt, options)
-        mask = self.codes.mask.to(self.device)  # [V]
+        rows = self.codes.rows if self.code_rows_only else None
+        streams = self._streams(cond_prompt, uncond_prompt, options, rows)
+        mask = self.codes.mask.to(self.device)  # [V]: 0 at the codes, -inf elsewhere
         tokens = torch.empty(count, dtype=torch.long, device=self.device)  # stays on the device
         for i in range(count):
-            tokens[i : i + 1] = sample(streams.guided(options) + mask, options, generator)
+            if rows is None:
+                logits = streams.guided(options) + mask  # [1, V]
+            else:  # the same values: the code rows, -inf elsewhere
+                logits = mask.unsqueeze(0).clone()  # [1, V]
+                logits[:, rows] = streams.guided(options)
+            tokens[i : i + 1] = sample(logits, options, generator)
             if progress is not None and ((i + 1) % every == 0 or i + 1 == count):
                 progress(i + 1, count)
             if i + 1 < count:

@@ -18,6 +18,7 @@ from acestep_daemon.checkpoint import CheckpointPaths
 from acestep_daemon.constants import SAMPLE_RATE
 from acestep_daemon.model import AceStepModel
 from acestep_daemon.model.vae import OobleckVAE
+from acestep_daemon.tiny.lm import LM_FOLDER, write_tiny_lm
 from acestep_daemon.tiny.text_encoder import TEXT_HIDDEN, write_tiny_text_encoder
 from acestep_daemon.tiny.weights import random_weights, save_weights
 
@@ -149,12 +150,16 @@ VAE_RESIDUAL_GAIN = 0.1
 VAE_OUTPUT_GAIN = 0.2
 
 
-def make_tiny_checkpoint(dest: Path, *, seed: int = 0, variant: str = "turbo") -> Path:
+def make_tiny_checkpoint(
+    dest: Path, *, seed: int = 0, variant: str = "turbo", lm: bool = False
+) -> Path:
     """Write the tiny checkpoint of `variant` (see `VARIANTS`) under `dest` and return `dest`.
 
     The same seed and variant write byte-identical weights. One generator draws the text
     encoder, the DiT and the VAE in that order, so the text encoder is the same for every
-    variant and the turbo checkpoint is the one written before variants existed.
+    variant and the turbo checkpoint is the one written before variants existed. With `lm`,
+    the tiny 5 Hz LM (its own generator, the same seed) goes beside them as
+    `acestep-5Hz-lm-0.6B/`, where a real model folder keeps its LM.
     """
     config = dit_config(variant)
     paths = CheckpointPaths(Path(dest))
@@ -165,6 +170,8 @@ def make_tiny_checkpoint(dest: Path, *, seed: int = 0, variant: str = "turbo") -
     write_tiny_text_encoder(paths.text_dir, generator)
     _write_dit(dit_dir, config, generator)
     _write_vae(paths.vae_dir, generator)
+    if lm:
+        write_tiny_lm(paths.root / LM_FOLDER, seed=seed)
     return paths.root
 
 

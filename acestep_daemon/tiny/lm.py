@@ -6,22 +6,25 @@ Qwen3 one followed by `<|audio_code_0|>` … `<|audio_code_65534|>` (65,535 toke
 FSQ codebook uses the first 64,000). Here the BPE part is trained in milliseconds on a
 built-in text, the special tokens come in the real order (`<|endoftext|>`, `<|im_start|>`,
 `<|im_end|>`, `<think>`, `</think>`, then the audio codes), the chat template is the Qwen3
-one the real folder ships, and the network has the real depth at width 32.
+one the real folder ships, and the network has the real depth at width 32. The config has
+every field of the real one, `"dtype": "bfloat16"` included (loaders choose their own dtype).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Tokenizer, models
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from acestep_daemon.checkpoint import TINY_LM, lm_folder_name
 from acestep_daemon.planner.constraints import audio_code_token
 from acestep_daemon.tiny.text_encoder import save_qwen_tokenizer, train_byte_level_bpe
 from acestep_daemon.tiny.weights import random_weights, save_weights
 
-LM_FOLDER = "acestep-5Hz-lm-0.6B"
+LM_FOLDER = lm_folder_name(TINY_LM)
 AUDIO_CODE_SLOTS = 65_535
 """Audio-code tokens in the real vocabulary (`<|audio_code_0|>` … `<|audio_code_65534|>`)."""
 
@@ -157,13 +160,34 @@ reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
 """The chat template of the Qwen3 tokenizers (`chat_template.jinja` of the LM folders)."""
 
 
-def write_tiny_lm_tokenizer(folder: Path) -> Tokenizer:
+def pad_bpe(tokenizer: Tokenizer, size: int) -> None:
+    """Grow the BPE vocabulary of `tokenizer` (no added tokens yet) to `size` entries.
+
+    The new entries are strings no merge produces, so encoding is unchanged; they only move
+    the special and audio-code tokens to the ids they have in a full-size vocabulary.
+    """
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+        for m in json.loads(tokenizer.to_str())["model"]["merges"]
+    ]
+    for index in range(size - len(vocab)):
+        vocab[f"<|unused_{index}|>"] = len(vocab)
+    tokenizer.model = models.BPE(vocab=vocab, merges=merges)
+
+
+def write_tiny_lm_tokenizer(folder: Path, vocab_size: int | None = None) -> Tokenizer:
     """Train the byte-level BPE, add the special and audio-code tokens, save it Qwen-style.
 
     No post-processor: like the real LM tokenizer (and unlike Qwen3-Embedding's), encoding
-    appends nothing. `<|im_end|>` is the eos token, `<|endoftext|>` the pad token.
+    appends nothing. `<|im_end|>` is the eos token, `<|endoftext|>` the pad token. With
+    `vocab_size` (e.g. the real 217,204) the BPE part is padded so the tokenizer has exactly
+    that many tokens, the audio codes last, as in the real one.
     """
     tokenizer = train_byte_level_bpe(_BPE_VOCAB, _LM_TEXT)
+    if vocab_size is not None:
+        specials = len(_TEXT_SPECIALS) + len(_THINK_TOKENS)
+        pad_bpe(tokenizer, vocab_size - specials - AUDIO_CODE_SLOTS)
     tokenizer.add_special_tokens([AddedToken(t, normalized=False) for t in _TEXT_SPECIALS])
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in _THINK_TOKENS])
     codes = [audio_code_token(i) for i in range(AUDIO_CODE_SLOTS)]
@@ -175,7 +199,10 @@ def write_tiny_lm_tokenizer(folder: Path) -> Tokenizer:
 
 
 def tiny_lm_config(vocab_size: int, eos_id: int, bos_id: int) -> Qwen3Config:
-    """The real 0.6B LM config fields, with tiny widths and the real depth (28 layers)."""
+    """The real 0.6B LM config fields, with tiny widths and the real depth (28 layers).
+
+    `<|endoftext|>` is both bos and pad token, as in the real config.
+    """
     return Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -199,8 +226,9 @@ def tiny_lm_config(vocab_size: int, eos_id: int, bos_id: int) -> Qwen3Config:
         initializer_range=0.02,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
+        pad_token_id=bos_id,
         architectures=["Qwen3ForCausalLM"],
-        torch_dtype="float32",
+        dtype="bfloat16",
     )
 
 
