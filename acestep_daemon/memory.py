@@ -1,13 +1,14 @@
 """The out-of-memory policy: run one job's stages so that running out of memory never loses it.
 
 At home (the device and dtype the pipeline was loaded with): choose the VAE tile
-from free GPU memory, run the stages, and after running out of memory free
-the cache and retry the failing stage once — the VAE with half the tile each
-time, down to a floor. The planner (5 Hz LM) that still runs out of memory runs
-on the CPU for this request while the DiT stays home. When that is not enough,
-run this one request on the CPU in float32 and move the pipeline back home
-afterwards. `run` returns where and how the request ran; nothing here knows about
-queues, sockets or files.
+from free GPU memory, run the stages, and after running out of memory free the cache and retry the
+failing stage once — the VAE with half the tile each time, down to a floor. The
+planner (5 Hz LM) that still runs out of memory runs on the CPU for this request
+while the DiT stays home. When that is not enough, run this one request on the
+CPU, in the CPU's default dtype (`pipeline.default_dtype`: bf16 where the CPU
+multiplies bf16 natively, else fp32), and move the pipeline back home
+afterwards. `run` returns where and how the request ran; nothing here knows
+about queues, sockets or files.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ import torch
 from acestep_daemon.errors import AceStepError
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
 from acestep_daemon.params import GenerationParams
-from acestep_daemon.pipeline import Audio, Pipeline, Planned, ProgressFn, latent_frames
+from acestep_daemon.pipeline import (
+    Audio,
+    Pipeline,
+    Planned,
+    ProgressFn,
+    default_dtype,
+    latent_frames,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +46,11 @@ DIFFUSION_BYTES_PER_FRAME = 256 << 10
 VAE_BYTES_PER_CHUNK_FRAME = 4 << 20
 VRAM_HEADROOM_BYTES = 512 << 20
 
-CPU = (torch.device("cpu"), torch.float32)
-"""Where a request goes when the GPU cannot hold it."""
+
+def cpu_place() -> tuple[torch.device, torch.dtype]:
+    """Where a request goes when the GPU cannot hold it: the CPU in its default dtype."""
+    cpu = torch.device("cpu")
+    return cpu, default_dtype(cpu)
 
 
 class OutOfMemory(AceStepError):
@@ -74,8 +85,12 @@ def move(pipeline: Pipeline, device: torch.device, dtype: torch.dtype) -> None:
         pipeline.to(device, dtype)
     except torch.OutOfMemoryError:
         free_memory()
-        pipeline.to(*CPU)
-        logger.warning("too little memory to move the pipeline to %s; it stays on the CPU", device)
+        pipeline.to(*cpu_place())
+        logger.warning(
+            "too little memory to move the pipeline to %s; it stays on the CPU (%s)",
+            device,
+            pipeline.dtype,
+        )
     except Exception as error:
         raise FatalWorkerError(f"could not move the pipeline to {device}: {error}") from error
 
@@ -97,6 +112,8 @@ class MemoryPolicy:
         self.retries = 0
         self.chunk = DECODE_CHUNK_FRAMES
         self.lm_on_cpu = False
+        self.ran_on: tuple[torch.device, torch.dtype] | None = None
+        """Where the CPU fallback actually ran (None: it did not run)."""
 
     def run(self, params: GenerationParams, progress: ProgressFn) -> Run:
         """Generate at home if memory allows, else on the CPU; returns where it ran."""
@@ -111,8 +128,8 @@ class MemoryPolicy:
     def _result(self, audio: Audio, fallback: str | None) -> Run:
         return Run(
             audio=audio,
-            device=self.pipeline.device if fallback != "cpu" else CPU[0],
-            dtype=self.pipeline.dtype if fallback != "cpu" else CPU[1],
+            device=self.ran_on[0] if self.ran_on else self.pipeline.device,
+            dtype=self.ran_on[1] if self.ran_on else self.pipeline.dtype,
             fallback=fallback,
             oom_retries=self.retries,
             vae_chunk_frames=self.chunk,
@@ -165,9 +182,12 @@ class MemoryPolicy:
         except torch.OutOfMemoryError:
             pass
         free_memory()
-        logger.warning("out of memory in the planner; running the LM on the CPU for this request")
+        cpu = cpu_place()
+        logger.warning(
+            "out of memory in the planner; running the LM on the CPU (%s) for this request", cpu[1]
+        )
         self.lm_on_cpu = True
-        pipeline.move_lm(*CPU)
+        pipeline.move_lm(*cpu)
         try:
             return pipeline.plan(params, progress)
         finally:
@@ -189,10 +209,13 @@ class MemoryPolicy:
         logger.warning("out of memory in %s", what)
 
     def _on_cpu(self, params: GenerationParams, progress: ProgressFn) -> Audio:
-        """Run this request on the CPU in float32, then move the pipeline back home."""
-        logger.warning("running this request on the CPU (float32) to avoid running out of memory")
+        """Run this request on the CPU (`cpu_place`), then move the pipeline back home."""
         self._on_fallback()
-        move(self.pipeline, *CPU)
+        move(self.pipeline, *cpu_place())
+        self.ran_on = (self.pipeline.device, self.pipeline.dtype)
+        logger.warning(
+            "running this request on the %s (%s) to avoid running out of memory", *self.ran_on
+        )
         try:
             return self.pipeline.generate(params, progress=progress, vae_chunk_frames=self.chunk)
         except torch.OutOfMemoryError as error:

@@ -169,9 +169,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX tiles)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA as upstream, fp32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """The dtype a pipeline runs in on `device` unless told otherwise (`--dtype`).
+
+    CUDA: bf16, as upstream. The CPU: bf16 where it multiplies bf16 matrices natively
+    (`cpu_multiplies_bf16`): there our bf16 DiT and VAE run about twice as fast as fp32 and
+    in half the memory, within bf16's rounding. Without those instructions torch emulates
+    bf16 products through fp32 conversions, slower than fp32 itself, so fp32 stays.
+    This is also the dtype of the out-of-memory CPU fallback.
+    """
+    if device.type == "cuda" or (device.type == "cpu" and cpu_multiplies_bf16()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def load_module(
