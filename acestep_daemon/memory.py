@@ -1,7 +1,8 @@
 """The out-of-memory policy: run one job's stages so that running out of memory never loses it.
 
 At home (the device and dtype the pipeline was loaded with): choose the VAE tile
-from free GPU memory, run the stages, and after running out of memory free the cache and retry the
+from free memory (on the CPU, the whole sequence in one call when RAM allows),
+run the stages, and after running out of memory free the cache and retry the
 failing stage once — the VAE with half the tile each time, down to a floor. The
 planner (5 Hz LM) that still runs out of memory runs on the CPU for this request
 while the DiT stays home. When that is not enough, run this one request on the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -40,11 +42,12 @@ T = TypeVar("T")
 VAE_CHUNK_FLOOR = 64
 """Halving the VAE tile stops here; the next step is the CPU."""
 
-# Rough GPU memory needs, measured in the order of magnitude only: the DiT's
-# activations grow with the whole latent length, the VAE's with one tile.
+# Rough memory needs, measured in the order of magnitude only: the DiT's
+# activations grow with the whole latent length, the VAE's with one tile (fp32: the
+# decoder's last block holds a few [128, tile · 1920] tensors at once).
 DIFFUSION_BYTES_PER_FRAME = 256 << 10
 VAE_BYTES_PER_CHUNK_FRAME = 4 << 20
-VRAM_HEADROOM_BYTES = 512 << 20
+HEADROOM_BYTES = 512 << 20
 
 
 def cpu_place() -> tuple[torch.device, torch.dtype]:
@@ -71,6 +74,20 @@ class Run:
     fallback: str | None  # "cpu": the request ran on the CPU; "lm-cpu": only its planner did
     oom_retries: int
     vae_chunk_frames: int
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a request may still use on `device`: free GPU memory, or available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:  # Linux: counts reclaimable page cache too
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def free_memory() -> None:
@@ -136,18 +153,24 @@ class MemoryPolicy:
         )
 
     def _fits(self, params: GenerationParams) -> bool:
-        """Choose the VAE tile from free GPU memory; False means: go to the CPU up front."""
+        """Choose the VAE tile from free memory; False means: go to the CPU up front.
+
+        On the CPU a sequence whose decode fits in available RAM is decoded in one call
+        (no tile overhead); otherwise tiles halve from the default as on the GPU, and the
+        request stays (there is nowhere else to go).
+        """
         device = self.pipeline.device
-        if device.type != "cuda":
-            return True
-        free, _ = torch.cuda.mem_get_info(device)
+        free = available_bytes(device)
         # Every take, and the unconditional half of a guided model's batch, is one more row.
         rows = len(params.seeds or [0]) * (2 if self.pipeline.spec.guided else 1)
-        frames = latent_frames(params.duration_s) * rows
-        budget = free - VRAM_HEADROOM_BYTES - frames * DIFFUSION_BYTES_PER_FRAME
+        length = latent_frames(params.duration_s)
+        budget = free - HEADROOM_BYTES - length * rows * DIFFUSION_BYTES_PER_FRAME
+        if device.type != "cuda" and length * VAE_BYTES_PER_CHUNK_FRAME <= budget:
+            self.chunk = max(self.chunk, length)  # the whole sequence in one call
+            return True
         while self.chunk > VAE_CHUNK_FLOOR and self.chunk * VAE_BYTES_PER_CHUNK_FRAME > budget:
             self.chunk //= 2
-        fits = self.chunk * VAE_BYTES_PER_CHUNK_FRAME <= budget
+        fits = self.chunk * VAE_BYTES_PER_CHUNK_FRAME <= budget or device.type != "cuda"
         if not fits:
             logger.warning("%.0f MiB free on %s is too little", free / 2**20, device)
         return fits
