@@ -239,7 +239,9 @@ def ours_worker(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     start = time.perf_counter()
-    pipeline = Pipeline.load(CheckpointPaths(args.model_dir), args.device, DTYPES[args.dtype])
+    pipeline = Pipeline.load(
+        CheckpointPaths(args.model_dir), args.device, DTYPES[args.dtype], compile=args.compile
+    )
     load_s = time.perf_counter() - start
     set_fast_paths(pipeline, not args.no_fast_paths)
     with tempfile.TemporaryDirectory() as scratch:
@@ -277,6 +279,7 @@ def compare_with_official(
         command = [sys.executable, __file__, "--worker", str(inputs), "--model-dir"]
         command += [str(checkpoint), "--device", args.device, "--dtype", args.dtype]
         command += ["--durations", str(duration)] + (["--no-fast-paths"] * args.no_fast_paths)
+        command += ["--compile"] * args.compile
         ours_runs.append(subprocess_json(command, env))
         command = [args.reference_python, str(REPO / "scripts" / "benchmark_official.py")]
         command += ["--reference", str(args.reference), "--checkpoint", str(checkpoint)]
@@ -374,7 +377,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"device: {report['device']}, dtype: {report['dtype']}, torch {report['torch']}, "
         f"threads: {report['threads']}, fast paths: {'on' if report['fast_paths'] else 'off'}, "
-        f"model: {report['model']}, load: {report['load_s']:.1f} s",
+        f"compile: {'on' if report['compile'] else 'off'}, model: {report['model']}, "
+        f"load: {report['load_s']:.1f} s",
         "",
         "| duration (s) | text (s) | condition (s) | diffusion (s) | VAE decode (s) "
         "| write (s) | total (s) | × real time | peak memory (GiB) |",
@@ -435,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-fast-paths", action="store_true", help="switch fast paths off")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the DiT (load time includes it)"
+    )
     parser.add_argument("--reference", type=Path, help="official ACE-Step 1.5 checkout")
     parser.add_argument("--reference-python", default=sys.executable)
     parser.add_argument("--daemon-requests", type=int, default=DAEMON_REQUESTS)
@@ -473,13 +480,16 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "fast_paths": not args.no_fast_paths,
+            "compile": args.compile,
             "model": "tiny" if args.model else "random-full" if args.random_full else "checkpoint",
             "durations": [],
         }
         pipeline = None
         if not args.reference:  # with it, each side loads in its own process, one at a time
             start = time.perf_counter()
-            pipeline = Pipeline.load(CheckpointPaths(checkpoint), device, DTYPES[args.dtype])
+            pipeline = Pipeline.load(
+                CheckpointPaths(checkpoint), device, DTYPES[args.dtype], compile=args.compile
+            )
             report["load_s"] = time.perf_counter() - start
             set_fast_paths(pipeline, not args.no_fast_paths)
         for duration in args.durations:

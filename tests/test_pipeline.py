@@ -162,6 +162,23 @@ def test_cover_conditions_on_tokenized_source(pipeline, source_audio):
     assert audio.duration_s == pytest.approx(6.0)
 
 
+def test_compiled_dit_is_warmed_up_at_load_and_matches_eager(pipeline, tiny_checkpoint):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled = Pipeline.load(
+        resolve_checkpoint(tiny_checkpoint), device="cpu", dtype=torch.float32, compile=True
+    )
+    warmed = counters["stats"]["unique_graphs"]
+    assert warmed > 0  # compiled at load ...
+    params = GenerationParams(caption="organ", duration_s=2, seed=4)
+    fast = compiled.generate(params).samples
+    assert counters["stats"]["unique_graphs"] == warmed  # ... not by the request
+    eager = pipeline.generate(params).samples
+    torch._dynamo.reset()
+    torch.testing.assert_close(fast, eager, rtol=0, atol=1e-4 * eager.abs().max().item())
+
+
 def test_nan_output_is_an_error_not_audio(tiny_checkpoint):
     broken = Pipeline.load(resolve_checkpoint(tiny_checkpoint), device="cpu")
     with torch.no_grad():

@@ -154,6 +154,15 @@ class DiT(nn.Module):
         under a dense [P, P] mask."""
         self._cache: dict[int, _CachedConstants] = {}
 
+    def compile_layers(self) -> None:
+        """Compile each layer's forward with `torch.compile` (opt-in fast path).
+
+        The layers share one code object and dynamo treats their parameters as inputs, so
+        one compilation serves every layer of a kind (full or sliding attention) and shape.
+        """
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+
     def step_constants(
         self, encoder_hidden: torch.Tensor, patches: int, dtype: torch.dtype
     ) -> StepConstants:
