@@ -34,5 +34,5 @@ class ServerOptions:
     model: str = DEFAULT_MODEL
     """The DiT served (a `family.MODELS` name): requests are checked against it."""
     compile: bool = False
-    """Compile the DiT's layers with `torch.compile`, warmed up at load. Off by default: on
-    the CPUs measured it did not pay (README, Performance)."""
+    """Compile the DiT's layers with `torch.compile`, warmed up at load. Off by default until
+    an idle-machine benchmark shows it pays (README, Performance)."""
