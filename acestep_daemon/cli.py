@@ -76,6 +76,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    _add_compile(p, defaults.compile)
     _add_lm(p)
     p.add_argument(
         "--queue-limit",
@@ -110,6 +111,15 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         help="debug logging, with tracebacks for start-up errors",
     )
     p.set_defaults(func=cmd_serve)
+
+
+def _add_compile(p: argparse.ArgumentParser, default: bool) -> None:
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help="compile the DiT with torch.compile, warmed up at load (%(default)s)",
+    )
 
 
 def _add_lm(p: argparse.ArgumentParser) -> None:
@@ -202,6 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
         queue_limit=args.queue_limit,
         idle_unload_s=args.idle_unload,
         model=args.model.removeprefix(TINY_PREFIX),
+        compile=args.compile,
     )
     activated = os.environ.get("LISTEN_PID") == str(os.getpid())
     if not activated and paths.daemon_answers(options.socket_path):
@@ -244,6 +255,7 @@ def _serve(args: argparse.Namespace) -> int:
                 model=model,
                 lm_size=_lm_size(args),
                 lm_model_dir=model_dir,
+                compile=options.compile,
             )
             if args.lora is not None:
                 pipeline.adapters.get(args.lora[0], pipeline.model)  # fits, or a clear error
@@ -515,6 +527,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     _add_model(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    _add_compile(p, ServerOptions.compile)
     _add_lm(p)
     p.set_defaults(func=cmd_generate)
 
@@ -556,6 +569,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model=model,
             lm_size=_lm_size(args),
             lm_model_dir=model_dir,
+            compile=args.compile,
         )
         loaded = time.perf_counter()
         with _TerminalProgress() as progress:

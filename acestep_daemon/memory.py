@@ -2,19 +2,22 @@
 
 At home (the device and dtype the pipeline was loaded with): run the stages; once the
 conditioning says how long the latents are (after the planner, from the request's
-duration or its source audio), choose the VAE tile from free GPU memory; after
-running out of memory free the cache and retry the failing stage once — the VAE with
-half the tile each time, down to a floor. The planner (5 Hz LM) that still runs out
-of memory runs on the CPU for this request while the DiT stays home. When that is not
-enough, run this one request on the CPU in float32 (keeping a plan made at home) and
-move the pipeline back home afterwards. `run` returns where and how the request ran;
-nothing here knows about queues, sockets or files.
+duration or its source audio), choose the VAE tile from free memory (on the CPU, the
+whole sequence in one call when RAM allows); after running out of memory free the
+cache and retry the failing stage once — the VAE with half the tile each time, down
+to a floor. The planner (5 Hz LM) that still runs out of memory runs on the CPU for
+this request while the DiT stays home. When that is not enough, run this one request
+on the CPU, in the CPU's default dtype (`pipeline.default_dtype`: bf16 where the CPU
+multiplies bf16 natively, else fp32), keeping a plan made at home, and move the
+pipeline back home afterwards. `run` returns where and how the request ran; nothing here knows
+about queues, sockets or files.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,7 +27,14 @@ import torch
 from acestep_daemon.errors import AceStepError
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
 from acestep_daemon.params import GenerationParams
-from acestep_daemon.pipeline import Audio, Conditioning, Pipeline, Planned, ProgressFn
+from acestep_daemon.pipeline import (
+    Audio,
+    Conditioning,
+    Pipeline,
+    Planned,
+    ProgressFn,
+    default_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +43,18 @@ T = TypeVar("T")
 VAE_CHUNK_FLOOR = 64
 """Halving the VAE tile stops here; the next step is the CPU."""
 
-# Rough GPU memory needs, measured in the order of magnitude only: the DiT's
-# activations grow with the whole latent length, the VAE's with one tile.
+# Rough memory needs, measured in the order of magnitude only: the DiT's
+# activations grow with the whole latent length, the VAE's with one tile (fp32: the
+# decoder's last block holds a few [128, tile · 1920] tensors at once).
 DIFFUSION_BYTES_PER_FRAME = 256 << 10
 VAE_BYTES_PER_CHUNK_FRAME = 4 << 20
-VRAM_HEADROOM_BYTES = 512 << 20
+HEADROOM_BYTES = 512 << 20
 
-CPU = (torch.device("cpu"), torch.float32)
-"""Where a request goes when the GPU cannot hold it."""
+
+def cpu_place() -> tuple[torch.device, torch.dtype]:
+    """Where a request goes when the GPU cannot hold it: the CPU in its default dtype."""
+    cpu = torch.device("cpu")
+    return cpu, default_dtype(cpu)
 
 
 class OutOfMemory(AceStepError):
@@ -63,12 +77,18 @@ class Run:
     vae_chunk_frames: int
 
 
-def free_gpu_bytes(device: torch.device) -> int | None:
-    """Free memory on a CUDA device; None on any other (no limit this policy can see)."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free
+def available_bytes(device: torch.device) -> int:
+    """Memory a request may still use on `device`: free GPU memory, or available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:  # Linux: counts reclaimable page cache too
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def free_memory() -> None:
@@ -83,8 +103,12 @@ def move(pipeline: Pipeline, device: torch.device, dtype: torch.dtype) -> None:
         pipeline.to(device, dtype)
     except torch.OutOfMemoryError:
         free_memory()
-        pipeline.to(*CPU)
-        logger.warning("too little memory to move the pipeline to %s; it stays on the CPU", device)
+        pipeline.to(*cpu_place())
+        logger.warning(
+            "too little memory to move the pipeline to %s; it stays on the CPU (%s)",
+            device,
+            pipeline.dtype,
+        )
     except Exception as error:
         raise FatalWorkerError(f"could not move the pipeline to {device}: {error}") from error
 
@@ -106,6 +130,8 @@ class MemoryPolicy:
         self.retries = 0
         self.chunk = DECODE_CHUNK_FRAMES
         self.lm_on_cpu = False
+        self.ran_on: tuple[torch.device, torch.dtype] | None = None
+        """Where the CPU fallback actually ran (None: it did not run)."""
         self.planned: Planned | None = None
         """The plan made at home, kept by the CPU run."""
 
@@ -122,27 +148,33 @@ class MemoryPolicy:
     def _result(self, audio: Audio, fallback: str | None) -> Run:
         return Run(
             audio=audio,
-            device=self.pipeline.device if fallback != "cpu" else CPU[0],
-            dtype=self.pipeline.dtype if fallback != "cpu" else CPU[1],
+            device=self.ran_on[0] if self.ran_on else self.pipeline.device,
+            dtype=self.ran_on[1] if self.ran_on else self.pipeline.dtype,
             fallback=fallback,
             oom_retries=self.retries,
             vae_chunk_frames=self.chunk,
         )
 
     def _fits(self, cond: Conditioning) -> bool:
-        """Choose the VAE tile from free GPU memory for the latents this request generates;
-        False means: too little for them, go to the CPU."""
+        """Choose the VAE tile from free memory for the latents this request generates;
+        False means: too little for them on the GPU, go to the CPU.
+
+        On the CPU a sequence whose decode fits in available RAM is decoded in one call
+        (no tile overhead); otherwise tiles halve from the default as on the GPU, and the
+        request stays (there is nowhere else to go).
+        """
         device = self.pipeline.device
-        free = free_gpu_bytes(device)
-        if free is None:
-            return True
+        free = available_bytes(device)
         # Every take, and the unconditional half of a guided model's batch, is one more row.
         rows = cond.noise.shape[0] * (2 if self.pipeline.spec.guided else 1)
-        frames = cond.frames * rows
-        budget = free - VRAM_HEADROOM_BYTES - frames * DIFFUSION_BYTES_PER_FRAME
+        length = cond.frames
+        budget = free - HEADROOM_BYTES - length * rows * DIFFUSION_BYTES_PER_FRAME
+        if device.type != "cuda" and length * VAE_BYTES_PER_CHUNK_FRAME <= budget:
+            self.chunk = max(self.chunk, length)  # the whole sequence in one call
+            return True
         while self.chunk > VAE_CHUNK_FLOOR and self.chunk * VAE_BYTES_PER_CHUNK_FRAME > budget:
             self.chunk //= 2
-        fits = self.chunk * VAE_BYTES_PER_CHUNK_FRAME <= budget
+        fits = self.chunk * VAE_BYTES_PER_CHUNK_FRAME <= budget or device.type != "cuda"
         if not fits:
             logger.warning("%.0f MiB free on %s is too little", free / 2**20, device)
         return fits
@@ -180,9 +212,12 @@ class MemoryPolicy:
         except torch.OutOfMemoryError:
             pass
         free_memory()
-        logger.warning("out of memory in the planner; running the LM on the CPU for this request")
+        cpu = cpu_place()
+        logger.warning(
+            "out of memory in the planner; running the LM on the CPU (%s) for this request", cpu[1]
+        )
         self.lm_on_cpu = True
-        pipeline.move_lm(*CPU)
+        pipeline.move_lm(*cpu)
         try:
             return pipeline.plan(params, progress)
         finally:
@@ -204,13 +239,16 @@ class MemoryPolicy:
         logger.warning("out of memory in %s", what)
 
     def _on_cpu(self, params: GenerationParams, progress: ProgressFn) -> Audio:
-        """Run this request on the CPU in float32, then move the pipeline back home.
+        """Run this request on the CPU (`cpu_place`), then move the pipeline back home.
 
         A plan made at home is kept; without one the planner runs here.
         """
-        logger.warning("running this request on the CPU (float32) to avoid running out of memory")
         self._on_fallback()
-        move(self.pipeline, *CPU)
+        move(self.pipeline, *cpu_place())
+        self.ran_on = (self.pipeline.device, self.pipeline.dtype)
+        logger.warning(
+            "running this request on the %s (%s) to avoid running out of memory", *self.ran_on
+        )
         pipeline = self.pipeline
         try:
             planned = self.planned or pipeline.plan(params, progress)

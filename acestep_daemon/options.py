@@ -33,3 +33,6 @@ class ServerOptions:
     """Unload the pipeline after this long without requests (None: never)."""
     model: str = DEFAULT_MODEL
     """The DiT served (a `family.MODELS` name): requests are checked against it."""
+    compile: bool = False
+    """Compile the DiT's layers with `torch.compile`, warmed up at load. Off by default until
+    an idle-machine benchmark shows it pays (README, Performance)."""

@@ -71,6 +71,7 @@ from acestep_daemon.checkpoint import (  # noqa: E402
     resolve_checkpoint,
     resolve_lm,
 )
+from acestep_daemon.memory import MemoryPolicy  # noqa: E402
 from acestep_daemon.model import AceStepModel  # noqa: E402
 from acestep_daemon.model.vae import OobleckVAE  # noqa: E402
 from acestep_daemon.params import GenerationParams  # noqa: E402
@@ -222,19 +223,27 @@ class Recorder:
 def run_ours(
     pipeline: Pipeline, duration: float, repeats: int, scratch: Path
 ) -> tuple[dict[str, float], Recorder]:
-    """Warm-up, then `repeats` timed generations; median seconds per stage."""
+    """Warm-up, then `repeats` timed generations; median seconds per stage.
+
+    Each runs as the daemon runs it (`MemoryPolicy`: the VAE tile from free memory).
+    """
     recorder = Recorder(pipeline)
     # Plain Euler (DCW off), as the official turbo model file's `generate_audio` samples: the
     # output check compares the two sides' final latents.
     params = GenerationParams(
         caption=CAPTION, lyrics="[Instrumental]", duration_s=duration, seed=0, dcw=False
     )
-    pipeline.generate(params)
+
+    def generate() -> Any:
+        home = (pipeline.device, pipeline.dtype)
+        return MemoryPolicy(pipeline, home).run(params, lambda *_: None).audio
+
+    generate()
     if pipeline.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipeline.device)
     runs = []
     for _ in range(repeats):
-        audio = pipeline.generate(params)
+        audio = generate()
         start = time.perf_counter()
         write_audio(scratch / "benchmark.wav", audio.samples, audio.sample_rate)
         stages = {
@@ -253,7 +262,9 @@ def ours_worker(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     start = time.perf_counter()
-    pipeline = Pipeline.load(CheckpointPaths(args.model_dir), args.device, DTYPES[args.dtype])
+    pipeline = Pipeline.load(
+        CheckpointPaths(args.model_dir), args.device, DTYPES[args.dtype], compile=args.compile
+    )
     load_s = time.perf_counter() - start
     set_fast_paths(pipeline, not args.no_fast_paths)
     with tempfile.TemporaryDirectory() as scratch:
@@ -291,6 +302,7 @@ def compare_with_official(
         command = [sys.executable, __file__, "--worker", str(inputs), "--model-dir"]
         command += [str(checkpoint), "--device", args.device, "--dtype", args.dtype]
         command += ["--durations", str(duration)] + (["--no-fast-paths"] * args.no_fast_paths)
+        command += ["--compile"] * args.compile
         ours_runs.append(subprocess_json(command, env))
         command = [args.reference_python, str(REPO / "scripts" / "benchmark_official.py")]
         command += ["--reference", str(args.reference), "--checkpoint", str(checkpoint)]
@@ -590,7 +602,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"device: {report['device']}, dtype: {report['dtype']}, torch {report['torch']}, "
         f"threads: {report['threads']}, fast paths: {'on' if report['fast_paths'] else 'off'}, "
-        f"model: {report['model']}{load}",
+        f"compile: {'on' if report['compile'] else 'off'}, model: {report['model']}{load}",
     ]
     if report["durations"]:  # none with --lm-only
         lines += [
@@ -656,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-fast-paths", action="store_true", help="switch fast paths off")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the DiT (load time includes it)"
+    )
     parser.add_argument("--reference", type=Path, help="official ACE-Step 1.5 checkout")
     parser.add_argument("--reference-python", default=sys.executable)
     parser.add_argument("--daemon-requests", type=int, default=DAEMON_REQUESTS)
@@ -697,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "fast_paths": not args.no_fast_paths,
+            "compile": args.compile,
             "model": "tiny" if args.model else "random-full" if args.random_full else "checkpoint",
             "durations": [],
         }
@@ -704,7 +720,9 @@ def main(argv: list[str] | None = None) -> int:
         dit_durations = [] if args.lm_only else args.durations
         if not args.reference and dit_durations:  # with it, each side loads in its own process
             start = time.perf_counter()
-            pipeline = Pipeline.load(CheckpointPaths(checkpoint), device, DTYPES[args.dtype])
+            pipeline = Pipeline.load(
+                CheckpointPaths(checkpoint), device, DTYPES[args.dtype], compile=args.compile
+            )
             report["load_s"] = time.perf_counter() - start
             set_fast_paths(pipeline, not args.no_fast_paths)
         for duration in dit_durations:

@@ -13,17 +13,20 @@ from acestep_daemon.tiny import dit_config, make_tiny_lora
 from tests.daemon_harness import REPO, Daemon, ask, daemon_env, running
 
 DURATION_S = 1.0
+FP32 = ("--dtype", "float32")
+"""These daemons' answers are compared by value (a take alone and in a batch, LoRA scale 0 and
+none), so they run fp32 whatever the CPU's default dtype."""
 
 
 @pytest.fixture(scope="module")
 def xl_turbo(tmp_path_factory: pytest.TempPathFactory):
-    with running(tmp_path_factory.mktemp("xl"), "--model", "tiny-xl-turbo") as daemon:
+    with running(tmp_path_factory.mktemp("xl"), "--model", "tiny-xl-turbo", *FP32) as daemon:
         yield daemon
 
 
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory: pytest.TempPathFactory):
-    with running(tmp_path_factory.mktemp("sft"), "--model", "tiny-sft") as daemon:
+    with running(tmp_path_factory.mktemp("sft"), "--model", "tiny-sft", *FP32) as daemon:
         yield daemon
 
 

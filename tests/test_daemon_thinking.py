@@ -94,7 +94,7 @@ def test_oom_in_the_planner_runs_the_lm_on_the_cpu_and_keeps_the_request(
     with running(tmp_path, "--model-dir", str(model_dir), *home, env=env) as daemon:
         answer = daemon.ask({"caption": "x", "duration_s": 1, "thinking": "metas"})
         assert answer["ok"] is True, answer
-        # both tries at home ran out of memory; the LM then ran on the CPU in float32
+        # both tries at home ran out of memory; the LM then ran on the CPU (its default dtype)
         # while the DiT stayed home (bfloat16)
         assert answer["oom_retries"] == 1
         assert (answer["fallback"], answer["dtype"]) == ("lm-cpu", "bfloat16")

@@ -11,13 +11,15 @@ from acestep_daemon.audio import write_audio
 from acestep_daemon.checkpoint import resolve_checkpoint
 from acestep_daemon.constants import LATENT_HOP, SAMPLE_RATE
 from acestep_daemon.errors import GenerationFailed, InvalidRequest
+from acestep_daemon.memory import cpu_place
 from acestep_daemon.params import GenerationParams
-from acestep_daemon.pipeline import Pipeline, latent_frames, repaint_window
+from acestep_daemon.pipeline import Pipeline, default_dtype, latent_frames, repaint_window
 
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_checkpoint) -> Pipeline:
-    return Pipeline.load(resolve_checkpoint(tiny_checkpoint), device="cpu")
+    """fp32 whatever the CPU's default: these tests compare values (tiled = whole, ...)."""
+    return Pipeline.load(resolve_checkpoint(tiny_checkpoint), device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,21 @@ def source_audio(tmp_path_factory) -> object:
     path = tmp_path_factory.mktemp("audio") / "source.wav"
     sf.write(path, np.stack([left, right], axis=1), SAMPLE_RATE, subtype="FLOAT")
     return path
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)],
+)
+def test_cpu_default_dtype_is_bf16_only_with_native_bf16_products(
+    monkeypatch, avx512_bf16, amx, expected
+):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert default_dtype(cpu) == expected
+    assert cpu_place() == (cpu, expected)  # the out-of-memory fallback follows it
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16
 
 
 def test_latent_length_follows_upstream_rounding():
@@ -102,7 +119,9 @@ def test_repaint_keeps_latents_outside_the_range(pipeline, source_audio):
     )
     cond = pipeline.prepare(params)
     latents = pipeline.diffuse(cond)
-    clean = cond.repaint.clean_latents
+    # The crossfade returns float32 whatever the model dtype (as upstream); widening the
+    # clean latents to it is exact, so the outside must be equal bit for bit in any dtype.
+    clean = cond.repaint.clean_latents.to(latents.dtype)
     start_f, end_f = 2 * SAMPLE_RATE // LATENT_HOP, 3 * SAMPLE_RATE // LATENT_HOP
     ramp = 10  # crossfade frames on each side
     assert torch.equal(latents[:, : start_f - ramp], clean[:, : start_f - ramp])
@@ -141,6 +160,23 @@ def test_cover_conditions_on_tokenized_source(pipeline, source_audio):
     assert chunk_mask.eq(1).all()
     audio = pipeline.decode(cond, pipeline.diffuse(cond))
     assert audio.duration_s == pytest.approx(6.0)
+
+
+def test_compiled_dit_is_warmed_up_at_load_and_matches_eager(pipeline, tiny_checkpoint):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled = Pipeline.load(
+        resolve_checkpoint(tiny_checkpoint), device="cpu", dtype=torch.float32, compile=True
+    )
+    warmed = counters["stats"]["unique_graphs"]
+    assert warmed > 0  # compiled at load ...
+    params = GenerationParams(caption="organ", duration_s=2, seed=4)
+    fast = compiled.generate(params).samples
+    assert counters["stats"]["unique_graphs"] == warmed  # ... not by the request
+    eager = pipeline.generate(params).samples
+    torch._dynamo.reset()
+    torch.testing.assert_close(fast, eager, rtol=0, atol=1e-4 * eager.abs().max().item())
 
 
 def test_nan_output_is_an_error_not_audio(tiny_checkpoint):

@@ -141,6 +141,15 @@ class DiT(nn.Module):
         (`Band`) once the sequence is longer than BAND_MIN_WINDOWS windows, instead of
         under a dense [P, P] mask."""
 
+    def compile_layers(self) -> None:
+        """Compile each layer's forward with `torch.compile` (opt-in fast path).
+
+        The layers share one code object and dynamo treats their parameters as inputs, so
+        one compilation serves every layer of a kind (full or sliding attention) and shape.
+        """
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+
     def step_constants(
         self, encoder_hidden: torch.Tensor, frames: int, dtype: torch.dtype
     ) -> StepConstants:
