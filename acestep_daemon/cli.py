@@ -541,7 +541,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from acestep_daemon.audio import write_audio
     from acestep_daemon.checkpoint import resolve_checkpoint
     from acestep_daemon.errors import AceStepError
-    from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
+    from acestep_daemon.memory import MemoryPolicy
     from acestep_daemon.pipeline import Pipeline
 
     for flag, value in (("--caption", args.caption), ("--output", args.output)):
@@ -573,7 +573,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         loaded = time.perf_counter()
         with _TerminalProgress() as progress:
-            audio = pipeline.generate(request.to_params(), progress=progress)
+            # As the daemon runs a job: VAE tile from free memory, retries, the CPU fallback.
+            run = MemoryPolicy(pipeline, (pipeline.device, pipeline.dtype)).run(
+                request.to_params(), progress
+            )
+        audio = run.audio
         writing = time.perf_counter()
         takes = []
         if request.seeds is None:
@@ -605,11 +609,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         duration_s=audio.duration_s,
         seed=audio.seed,
         timings=timings,
-        device=str(pipeline.device),
-        dtype=str(pipeline.dtype),
-        fallback=None,
-        oom_retries=0,
-        vae_chunk_frames=DECODE_CHUNK_FRAMES,
+        device=str(run.device),
+        dtype=str(run.dtype),
+        fallback=run.fallback,
+        oom_retries=run.oom_retries,
+        vae_chunk_frames=run.vae_chunk_frames,
         notes=audio.notes,
         thinking=audio.thinking,
         takes=[(str(path), seed) for path, seed in takes],

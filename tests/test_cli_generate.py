@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from acestep_daemon.audio import SUPPORTED_EXTENSIONS
 from acestep_daemon.constants import SAMPLE_RATE
+from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
+from acestep_daemon.pipeline import latent_frames
 
 
 def generate(checkpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -155,3 +157,14 @@ def test_generate_model_tiny_thinks_without_a_model_folder(tmp_path):
     assert answer["thinking"]["mode"] == "metas"
     assert set(answer["thinking"]["inferred"]) == {"bpm", "key", "time_signature", "language"}
     assert "RANDOM weights" in result.stderr
+
+
+def test_generate_runs_through_the_memory_policy_as_the_daemon_does(tiny_checkpoint, tmp_path):
+    """On the CPU a decode that fits in RAM is one call: 21 s is 525 latent frames, more than
+    the 512-frame tile a bare `pipeline.generate` uses; the answer says what really ran."""
+    output = tmp_path / "one-call.wav"
+    answer = summary(
+        generate(tiny_checkpoint, "-c", "pads", "-d", "21", "--dtype", "float32", "-o", str(output))
+    )
+    assert answer["vae_chunk_frames"] == latent_frames(21.0) > DECODE_CHUNK_FRAMES
+    assert (answer["device"], answer["dtype"], answer["fallback"]) == ("cpu", "float32", None)
