@@ -45,3 +45,12 @@ class FakeHub:
         """Make `acestep_daemon.checkpoint` download through this hub; returns it."""
         monkeypatch.setattr(checkpoint, "snapshot_download", self)
         return self
+
+
+@pytest.fixture(autouse=True)
+def no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autouse in the modules that import it: no model folder or offline switch from the
+    environment reaches the checkpoint resolution under test."""
+    monkeypatch.delenv("ACESTEP_MODEL_DIR", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(checkpoint.hf_constants, "HF_HUB_OFFLINE", False)

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub
+from fake_hub import FakeHub, no_env_overrides  # noqa: F401 (an autouse fixture)
 
-from acestep_daemon import checkpoint
 from acestep_daemon.checkpoint import (
     ALLOW_PATTERNS,
     HF_REPO_ID,
@@ -37,13 +36,6 @@ def write_layout(root: Path, skip: str | None = None) -> Path:
 def checkpoint_hub(cache: Path, cached: bool) -> FakeHub:
     """The hub's cache of the checkpoint repo, holding the whole layout when `cached`."""
     return FakeHub(cache / "snapshots" / "0123abcd", write_layout, cached=cached)
-
-
-@pytest.fixture(autouse=True)
-def no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ACESTEP_MODEL_DIR", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(checkpoint.hf_constants, "HF_HUB_OFFLINE", False)
 
 
 def test_checkpoint_paths_name_the_three_folders(tmp_path: Path) -> None:

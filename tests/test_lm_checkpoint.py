@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub
+from fake_hub import FakeHub, no_env_overrides  # noqa: F401 (an autouse fixture)
 
-from acestep_daemon import checkpoint
 from acestep_daemon.checkpoint import LM_TOKENIZER_FILES, lm_source, resolve_lm
 from acestep_daemon.errors import CheckpointError
 
@@ -35,13 +34,6 @@ def write_lm(folder: Path, skip: str | None = None, shards: int = 0) -> Path:
         if name != skip:
             (folder / name).write_text("x")
     return folder
-
-
-@pytest.fixture(autouse=True)
-def no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ACESTEP_MODEL_DIR", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(checkpoint.hf_constants, "HF_HUB_OFFLINE", False)
 
 
 def use_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, size: str, cached: bool) -> FakeHub:
