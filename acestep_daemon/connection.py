@@ -329,7 +329,7 @@ def _log_request(request: protocol.GenerateRequest, outcome: Any) -> None:
         logger.info(
             "request %s duration=%gs seed=%d %s device=%s%s -> %s",
             _abbreviate(request.caption),
-            request.duration_s,
+            run.audio.duration_s,  # what was generated (a source's length, a planned duration)
             run.audio.seed,
             timings,
             run.device,

@@ -259,3 +259,15 @@ def test_bad_requests_are_refused_at_once_while_a_long_job_runs(daemon: Daemon, 
             status = daemon.status()
             assert status["busy"] is True and status["generated"] == before["generated"]
     assert daemon.ask({"command": "ping"})["ok"]
+
+
+def test_the_journal_line_names_the_duration_generated(daemon: Daemon, tmp_path: Path):
+    """A cover is as long as its source, whatever `duration_s` says; the log tells the truth."""
+    source = tmp_path / "source.wav"
+    soundfile.write(str(source), [[0.1, -0.1]] * (2 * 48000), 48000)
+    output = tmp_path / "cover.wav"
+    request = {"caption": "journal", "task": "cover", "src_audio": str(source), "seed": 3}
+    answer = daemon.ask({**request, "duration_s": 30, "output": str(output)})
+    assert answer["ok"] is True and answer["duration_s"] == pytest.approx(2.0), answer
+    line = next(line for line in daemon.stderr().splitlines() if "request 'journal'" in line)
+    assert " duration=2s seed=3 " in line
