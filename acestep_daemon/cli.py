@@ -604,21 +604,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "write": done - writing,
         "total": done - started,
     }
-    answer = protocol.success_answer(
-        path=str(output),
-        duration_s=audio.duration_s,
-        seed=audio.seed,
-        timings=timings,
-        device=str(run.device),
-        dtype=str(run.dtype),
-        fallback=run.fallback,
-        oom_retries=run.oom_retries,
-        vae_chunk_frames=run.vae_chunk_frames,
-        notes=audio.notes,
-        thinking=audio.thinking,
-        takes=[(str(path), seed) for path, seed in takes],
-    )
-    sys.stdout.write(protocol.encode(answer).decode())
+    sys.stdout.write(protocol.encode(run.answer(output, timings, takes)).decode())
     return 0
 
 

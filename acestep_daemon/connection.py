@@ -288,21 +288,7 @@ class _Events:
 
 def success(result: JobResult) -> dict[str, Any]:
     """The success answer of a job's written file(s)."""
-    run = result.run
-    return protocol.success_answer(
-        path=str(result.path),
-        duration_s=run.audio.duration_s,
-        seed=run.audio.seed,
-        timings=result.timings,
-        device=str(run.device),
-        dtype=str(run.dtype),
-        fallback=run.fallback,
-        oom_retries=run.oom_retries,
-        vae_chunk_frames=run.vae_chunk_frames,
-        notes=run.audio.notes,
-        thinking=run.audio.thinking,
-        takes=[(str(path), seed) for path, seed in result.takes],
-    )
+    return result.run.answer(result.path, result.timings, result.takes)
 
 
 def settle(future: asyncio.Future[Any], result: Any) -> None:

@@ -20,10 +20,12 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
+from acestep_daemon import protocol
 from acestep_daemon.errors import AceStepError
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES
 from acestep_daemon.params import GenerationParams
@@ -75,6 +77,25 @@ class Run:
     fallback: str | None  # "cpu": the request ran on the CPU; "lm-cpu": only its planner did
     oom_retries: int
     vae_chunk_frames: int
+
+    def answer(
+        self, path: Path, timings: dict[str, float], takes: list[tuple[Path, int]]
+    ) -> dict[str, Any]:
+        """The success answer for this run written to `path` (and, per take, `takes`)."""
+        return protocol.success_answer(
+            path=str(path),
+            duration_s=self.audio.duration_s,
+            seed=self.audio.seed,
+            timings=timings,
+            device=str(self.device),
+            dtype=str(self.dtype),
+            fallback=self.fallback,
+            oom_retries=self.oom_retries,
+            vae_chunk_frames=self.vae_chunk_frames,
+            notes=self.audio.notes,
+            thinking=self.audio.thinking,
+            takes=[(str(take), seed) for take, seed in takes],
+        )
 
 
 def available_bytes(device: torch.device) -> int:
