@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import NoneType
@@ -224,11 +222,10 @@ def _serve(args: argparse.Namespace) -> int:
     from acestep_daemon.manager import GenerationManager
     from acestep_daemon.pipeline import Pipeline
 
-    tiny_dir: Path | None = None
     model_dir = args.model_dir
     model = args.model.removeprefix(TINY_PREFIX)
     if args.model.startswith(TINY_PREFIX):
-        tiny_dir, model_dir = _tiny_checkpoint(model)
+        model_dir = _tiny_checkpoint(model)
         logger.warning(
             "*** --model %s: serving a TINY checkpoint with RANDOM weights from %s. "
             "It answers the protocol but every file it writes is noise, not music. ***",
@@ -268,22 +265,18 @@ def _serve(args: argparse.Namespace) -> int:
         return server.serve(manager, options)
     except ValueError as error:
         raise StartupProblem(str(error)) from error
-    finally:
-        if tiny_dir is not None:
-            shutil.rmtree(tiny_dir, ignore_errors=True)
 
 
 TINY_PREFIX = "tiny-"
 MODEL_CHOICES = (*MODELS, *(TINY_PREFIX + name for name in MODELS))
 
 
-def _tiny_checkpoint(model: str) -> tuple[Path, Path]:
-    """(temporary folder to remove, model folder): a fresh tiny checkpoint of `model` with
-    the tiny 5 Hz LM beside its DiT, as in a real model folder."""
-    from acestep_daemon.tiny import make_tiny_checkpoint
+def _tiny_checkpoint(model: str) -> Path:
+    """The model folder of `tiny-<model>`: its tiny checkpoint with the tiny 5 Hz LM beside
+    the DiT, as in a real model folder; made once, then reused from the user's cache."""
+    from acestep_daemon.tiny import cached_tiny_checkpoint
 
-    tiny_dir = Path(tempfile.mkdtemp(prefix="acestep-tiny-"))
-    return tiny_dir, make_tiny_checkpoint(tiny_dir / "checkpoint", variant=model, lm=True)
+    return cached_tiny_checkpoint(model)
 
 
 def _model_name(text: str) -> str:
@@ -548,7 +541,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if value is None:
             print(f"acestep generate: {flag} is required", file=sys.stderr)
             return 2
-    model, model_dir, tiny_dir = args.model.removeprefix(TINY_PREFIX), args.model_dir, None
+    model, model_dir = args.model.removeprefix(TINY_PREFIX), args.model_dir
     try:
         request = protocol.GenerateRequest.model_validate(request_fields(args))
         output = Path(request.output)
@@ -559,7 +552,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 2
         started = time.perf_counter()
         if args.model.startswith(TINY_PREFIX):
-            tiny_dir, model_dir = _tiny_checkpoint(model)
+            model_dir = _tiny_checkpoint(model)
             print(f"acestep generate: --model {args.model}: RANDOM weights, noise", file=sys.stderr)
         checkpoint = resolve_checkpoint(model_dir, model=model)
         pipeline = Pipeline.load(
@@ -595,9 +588,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (AceStepError, OSError) as error:
         print(f"acestep generate: {error}", file=sys.stderr)
         return 1
-    finally:
-        if tiny_dir is not None:
-            shutil.rmtree(tiny_dir, ignore_errors=True)
     timings = {
         "load": loaded - started,
         **audio.timings,
