@@ -1,4 +1,4 @@
-"""The `acestep` command: one function per subcommand.
+"""The `acestep` command line: the daemon, its client, its service units and one-shot runs.
 
 acestep serve            run the daemon (resident model, Unix socket)
 acestep request          send one request line to a daemon and print the answer
@@ -60,10 +60,23 @@ def _count(text: str) -> int:
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="run the daemon")
+    p = subparsers.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Keep one ACE-Step v1.5 pipeline resident and answer one JSON line per "
+        "Unix-socket connection.",
+    )
     defaults = ServerOptions(socket_path=paths.default_socket_path())
-    p.add_argument("--socket", type=Path, default=defaults.socket_path, help="%(default)s")
-    p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
+    p.add_argument(
+        "--socket", type=Path, default=defaults.socket_path, help="socket path (%(default)s)"
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="checkpoint folder (default: $ACESTEP_MODEL_DIR, else the Hugging Face cache, "
+        "downloading what is missing)",
+    )
     _add_model(p)
     p.add_argument(
         "--lora",
@@ -72,8 +85,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH[:SCALE]",
         help="a LoRA adapter (PEFT folder or .safetensors) for requests that name none",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    _add_device(p)
     _add_compile(p, defaults.compile)
     _add_lm(p)
     p.add_argument(
@@ -87,20 +99,53 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         type=client.positive_seconds,
         default=defaults.idle_unload_s,
         metavar="SECONDS",
+        help="unload the model after this long without a request; the next one reloads it "
+        "(default: never)",
     )
     p.add_argument(
-        "--socket-mode", type=_socket_mode, default=defaults.socket_mode, metavar="OCTAL"
+        "--socket-mode",
+        type=_socket_mode,
+        default=defaults.socket_mode,
+        metavar="OCTAL",
+        help=f"permissions of the socket file ({defaults.socket_mode:o})",
     )
-    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID")
-    p.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID")
+    p.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="also let this user connect (repeatable; default: only the daemon's user and root)",
+    )
+    p.add_argument(
+        "--allow-gid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="GID",
+        help="also let members of this group connect (repeatable; default: none)",
+    )
     seconds = client.positive_seconds
     p.add_argument(
-        "--read-timeout", type=seconds, default=defaults.read_timeout_s, metavar="SECONDS"
+        "--read-timeout",
+        type=seconds,
+        default=defaults.read_timeout_s,
+        metavar="SECONDS",
+        help="drop a connection that sends no complete line within this long (%(default)g)",
     )
     p.add_argument(
-        "--shutdown-grace", type=seconds, default=defaults.shutdown_grace_s, metavar="SECONDS"
+        "--shutdown-grace",
+        type=seconds,
+        default=defaults.shutdown_grace_s,
+        metavar="SECONDS",
+        help="on SIGTERM, let the running request finish for this long (%(default)g)",
     )
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="least severe log lines written to stderr (%(default)s)",
+    )
     p.add_argument(
         "-v",
         "--verbose",
@@ -116,7 +161,22 @@ def _add_compile(p: argparse.ArgumentParser, default: bool) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=default,
-        help="compile the DiT with torch.compile, warmed up at load (%(default)s)",
+        help="compile the DiT with torch.compile, warmed up at load "
+        f"({'on' if default else 'off'})",
+    )
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the GPU when there is one), cpu, cuda or cuda:N (%(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 (%(default)s)",
     )
 
 
@@ -304,11 +364,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         type=_model_name,
-        choices=MODEL_CHOICES,
+        choices=(*MODEL_CHOICES, "tiny"),
         default=DEFAULT_MODEL,
-        help="the DiT: turbo, xl-turbo, sft, base, xl-sft or xl-base; 'tiny-<name>' (or "
-        "'tiny') uses a freshly made tiny checkpoint with RANDOM weights and a tiny 5 Hz LM "
-        "(protocol tests)",
+        help=f"the DiT ({DEFAULT_MODEL}); 'tiny-<name>' (or 'tiny', for tiny-{DEFAULT_MODEL}) "
+        "serves a tiny checkpoint of that model with RANDOM weights and a tiny 5 Hz LM, made "
+        "once into ~/.cache/acestep-daemon (offline protocol tests; it writes noise)",
     )
 
 
@@ -317,14 +377,31 @@ def _absolute_path(text: str) -> str:
     return str(Path(text).absolute())
 
 
+CLI_DEFAULTS = {
+    "task": ": repaint with a --repaint-start/end range, cover with --src-audio alone, "
+    "else text2music",
+    "duration_s": " (30; with --thinking metas or full and no --duration, the planner "
+    "chooses the length, up to 600)",
+}
+"""Help text of the flags whose CLI default is not the request field's own."""
+
+
+def _cli_default(name: str, default: object) -> str:
+    """` (DEFAULT)` for a flag's help; empty where the field has none."""
+    if name in CLI_DEFAULTS:
+        return CLI_DEFAULTS[name]
+    if default in (None, "", PydanticUndefined):
+        return ""
+    return f" ({default:g})" if isinstance(default, float) else f" ({default})"
+
+
 def _add_fields(p: argparse.ArgumentParser, model: type[BaseModel], *, skip: set[str]) -> None:
     """One flag per request field that declares a `Flag`; dest = the wire name."""
     for name, info in model.model_fields.items():
         flag = next((m for m in info.metadata if isinstance(m, Flag)), None)
         if flag is None or name in skip:
             continue
-        default = "" if info.default in (None, "", PydanticUndefined) else f" ({info.default})"
-        help_text = f"{info.description}{default}"
+        help_text = f"{info.description}{_cli_default(name, info.default)}"
         if get_origin(info.annotation) is Literal:
             p.add_argument(
                 *flag.names, dest=name, choices=get_args(info.annotation), help=help_text
@@ -516,10 +593,14 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate one file without a daemon")
     _add_fields(p, GenerateRequest, skip={"progress"})
     p.add_argument("--float-wav", action="store_true", help="32-bit float WAV")
-    p.add_argument("--model-dir", type=Path, default=None, help="checkpoint folder")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="checkpoint folder (default: $ACESTEP_MODEL_DIR, else the Hugging Face cache)",
+    )
     _add_model(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    _add_device(p)
     _add_compile(p, ServerOptions.compile)
     _add_lm(p)
     p.set_defaults(func=cmd_generate)
@@ -639,13 +720,26 @@ def cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+ACE-Step v1.5 music generation: a resident daemon that keeps the model loaded and
+answers one JSON line per Unix-socket connection, its client, its systemd units,
+and one-shot generation without a daemon. `acestep SUBCOMMAND --help` for each."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="acestep", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="subcommand", required=True)
+    parser = argparse.ArgumentParser(
+        prog="acestep",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     _add_serve(subparsers)
     _add_request(subparsers)
     _add_install_service(subparsers)
     _add_generate(subparsers)
     _add_make_tiny_checkpoint(subparsers)
     args = parser.parse_args(argv)
+    if args.subcommand is None:
+        parser.print_help(sys.stderr)
+        return 2
     return args.func(args)

@@ -6,8 +6,10 @@ script that runs with a bare `python3`, without the project's virtual
 environment: the spacebot skill ships it as `scripts/acestep-request`.
 
     acestep-request [--socket PATH] [--timeout SECONDS] [--progress] [JSON]
+    acestep-request --command ping|status|load|unload
 
-The request is a JSON object given as the argument or on stdin; it is checked
+The request is a JSON object given as the argument or on stdin, or one of the
+daemon's commands given with --command; a JSON request is checked
 only for being a JSON object (the daemon validates the fields). The final
 answer line goes to stdout as the daemon sent it; progress lines (with
 `--progress`) and every error message go to stderr.
@@ -51,6 +53,9 @@ EXIT_NO_DAEMON = 3
 EXIT_TIMEOUT = 124
 EXIT_SIGINT = 128 + signal.SIGINT
 EXIT_SIGTERM = 128 + signal.SIGTERM
+
+COMMANDS = ("ping", "status", "load", "unload")
+"""The daemon's commands (`{"command": NAME}`), as `protocol.CommandName` lists them."""
 
 PROG = "acestep-request"
 _CANCELLED = "closing the connection cancels the job in the daemon"
@@ -243,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("request", nargs="?", help="the request as JSON (default: read stdin)")
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument("request", nargs="?", help="the request as JSON (default: read stdin)")
+    given.add_argument("--command", choices=COMMANDS, help='send {"command": NAME}')
     parser.add_argument(
         "--socket", type=Path, default=None, help=f"default here: {default_socket_path()}"
     )
@@ -255,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        text = args.request if args.request is not None else sys.stdin.read()
-        request = parse_request(text)
+        if args.command is not None:
+            request: dict[str, Any] = {"command": args.command}
+        else:
+            text = args.request if args.request is not None else sys.stdin.read()
+            request = parse_request(text)
     except ClientError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return error.status

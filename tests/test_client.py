@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
 import soundfile
 
 from acestep_daemon import client
+from acestep_daemon.protocol import CommandName
 from tests.daemon_harness import REPO, Daemon, running, spawn
 
 SCRIPT = REPO / "skills" / "generate_music" / "scripts" / "acestep-request"
@@ -105,6 +107,23 @@ def test_daemon_error_exits_1_with_its_text_on_stderr(daemon: Daemon):
     answer = json.loads(result.stdout)
     assert answer["code"] == "invalid_request"
     assert answer["error"] in result.stderr and "invalid_request" in result.stderr
+
+
+def test_command_flag_sends_the_command(daemon: Daemon):
+    result = run_client("--socket", str(daemon.socket), "--command", "ping")
+    assert result.returncode == client.EXIT_OK, result.stderr
+    assert json.loads(result.stdout) == {"ok": True, "message": "pong"}
+    status = run_client("--socket", str(daemon.socket), "--command", "status")
+    assert json.loads(status.stdout)["loaded"] is True
+
+
+def test_client_commands_are_the_protocols():
+    assert sorted(client.COMMANDS) == sorted(typing.get_args(CommandName))
+
+
+def test_command_and_json_together_are_a_usage_error(tmp_path: Path):
+    result = run_client("--socket", str(tmp_path / "none.sock"), "--command", "ping", "{}")
+    assert result.returncode == client.EXIT_USAGE and "not allowed" in result.stderr
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
