@@ -24,18 +24,23 @@ acestep_venv() {
         return 0
     fi
     local venv="$repo_root/.venv"
+    local stamp="$venv/.acestep-installed${extras:+-$extras}"
     if [ ! -x "$venv/bin/python" ]; then
+        echo "setting up .venv (first run: torch and the dependencies, a minute or more;" \
+            "ACESTEP_VENV=DIR uses an existing environment instead)..." >&2
         python3 -m venv "$venv"
     fi
     # shellcheck disable=SC1091
     . "$venv/bin/activate"
-    local stamp="$venv/.acestep-installed${extras:+-$extras}"
     if [ ! -f "$stamp" ] || [ "$repo_root/pyproject.toml" -nt "$stamp" ] \
         || [ "$repo_root/constraints.txt" -nt "$stamp" ]; then
+        echo "installing this checkout${extras:+ with [$extras]} into .venv (its first use," \
+            "or pyproject.toml or constraints.txt changed)..." >&2
         python -m pip install --quiet --upgrade pip
         python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
         python -m pip install --quiet -c "$repo_root/constraints.txt" \
             -e "$repo_root${extras:+[$extras]}"
         touch "$stamp"
+        echo ".venv is ready" >&2
     fi
 }
