@@ -502,14 +502,19 @@ SKILL_SOURCE = Path(__file__).resolve().parent.parent / "skills" / "generate_mus
 """The spacebot skill in a checkout (it is not part of an installed wheel)."""
 SKILL_CLIENT = Path("scripts") / "acestep-request"
 """Where the skill expects its client (`{baseDir}/scripts/acestep-request`)."""
+SPACEBOT_SKILL_DIR = "~/.spacebot/agents/main/workspace/skills/generate_music"
+"""The skill's folder in the workspace of spacebot's default agent `main`: the workspace is
+the only part of $HOME that spacebot's sandbox shows a worker."""
 
 
 def _add_install_service(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "install-service",
-        help="write the systemd user units (and install the spacebot skill)",
-        description="Write the systemd user units for this interpreter; with --skill-dir, also "
-        "copy the spacebot skill (SKILL.md and its standard-library client) there.",
+        help="write the systemd user units, or install the spacebot skill",
+        description="Write the systemd user units that start this installation (the absolute "
+        "path of this interpreter, and this checkout when the interpreter does not import it "
+        "by itself). With --skill-dir, install only the spacebot skill (SKILL.md and its "
+        "standard-library client) into that folder instead.",
     )
     p.add_argument(
         "--unit-dir",
@@ -517,19 +522,21 @@ def _add_install_service(subparsers: argparse._SubParsersAction) -> None:
         default=Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
         / "systemd"
         / "user",
-        help="default: %(default)s",
+        help="where the units go (%(default)s)",
     )
     p.add_argument(
         "--socket",
         default=units.DEFAULT_LISTEN,
-        help=f"ListenStream= of the socket unit (old clients: {paths.LEGACY_SOCKET})",
+        help=f"ListenStream= of the socket unit ({units.DEFAULT_LISTEN}, the user's runtime "
+        f"folder; old clients: {paths.LEGACY_SOCKET})",
     )
     p.add_argument(
         "--skill-dir",
         type=Path,
         default=None,
-        help="install the generate_music skill into this folder, e.g. "
-        "~/.spacebot/skills/generate_music",
+        help=f"install only the {SKILL_SOURCE.name} skill, into this folder inside the agent's "
+        f"workspace, e.g. {SPACEBOT_SKILL_DIR} (spacebot's sandbox shows a worker only its "
+        "workspace and the system folders)",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would be written; write none")
     p.add_argument("--enable", action="store_true", help="systemctl --user enable --now the socket")
@@ -537,27 +544,51 @@ def _add_install_service(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_install_service)
 
 
+def service_environment(python: str) -> dict[str, str]:
+    """`PYTHONPATH` = this checkout when `python`, started as systemd starts it (empty
+    environment, working directory /), would not import this very package; else nothing."""
+    package = Path(__file__).resolve().parent
+    probe = subprocess.run(
+        [python, "-c", "import acestep_daemon; print(acestep_daemon.__file__)"],
+        cwd="/",
+        env={},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = Path(probe.stdout.strip()).resolve().parent if probe.returncode == 0 else None
+    return {} if found == package else {"PYTHONPATH": str(package.parent)}
+
+
 def _install_files(args: argparse.Namespace) -> list[tuple[Path, str, int]]:
     """(path, text, mode) of every file install-service writes."""
-    extra = [a for a in args.serve_args if a != "--"]
-    exec_start = units.exec_start(sys.executable, extra)
-    files = [
-        (args.unit_dir / units.SERVICE_NAME, units.render_service(exec_start), 0o644),
-        (args.unit_dir / units.SOCKET_UNIT_NAME, units.render_socket(args.socket), 0o644),
-    ]
     if args.skill_dir is not None:
         skill = (SKILL_SOURCE / "SKILL.md").read_text()
-        files.append((args.skill_dir / "SKILL.md", skill, 0o644))
         client_text = Path(client.__file__).read_text()
-        files.append((args.skill_dir / SKILL_CLIENT, client_text, 0o755))
-    return files
+        return [
+            (args.skill_dir / "SKILL.md", skill, 0o644),
+            (args.skill_dir / SKILL_CLIENT, client_text, 0o755),
+        ]
+    python = os.path.abspath(sys.executable)
+    extra = [a for a in args.serve_args if a != "--"]
+    service = units.render_service(units.exec_start(python, extra), service_environment(python))
+    return [
+        (args.unit_dir / units.SERVICE_NAME, service, 0o644),
+        (args.unit_dir / units.SOCKET_UNIT_NAME, units.render_socket(args.socket), 0o644),
+    ]
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
+    prog = "acestep install-service"
     if args.skill_dir is not None and not (SKILL_SOURCE / "SKILL.md").is_file():
         print(
-            f"acestep install-service: no skill at {SKILL_SOURCE}: "
-            "install it from a checkout of the repository",
+            f"{prog}: no skill at {SKILL_SOURCE}: install it from a checkout of the repository",
+            file=sys.stderr,
+        )
+        return 2
+    if args.skill_dir is not None and args.serve_args:
+        print(
+            f"{prog}: --skill-dir installs only the skill; serve flags go with the units",
             file=sys.stderr,
         )
         return 2
@@ -570,12 +601,16 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         path.write_text(text)
         path.chmod(mode)
         print(f"wrote {path}")
-    if args.skill_dir is None:
+    if args.skill_dir is not None:
         print(
-            f"spacebot skill: copy {SKILL_SOURCE} into spacebot's skills folder (e.g. "
-            "~/.spacebot/skills/generate_music), or run again with --skill-dir FOLDER; "
-            f"the skill runs its client as {{baseDir}}/{SKILL_CLIENT}"
+            f"the skill runs its client as {{baseDir}}/{SKILL_CLIENT}; spacebot's sandbox sees it "
+            "only inside the agent's workspace (e.g. its skills/ folder)"
         )
+        return 0
+    print(
+        f"spacebot skill: run again with --skill-dir {SPACEBOT_SKILL_DIR} "
+        "(the agent's workspace: spacebot's sandbox shows a worker nothing else of $HOME)"
+    )
     commands = [
         ["systemctl", "--user", "daemon-reload"],
         ["systemctl", "--user", "enable", "--now", units.SOCKET_UNIT_NAME],

@@ -1,8 +1,12 @@
 """The systemd user units, rendered in one place.
 
 `systemd/` in the repository holds them rendered with the defaults (a test
-keeps the two equal); `acestep install-service` renders them with the running
-interpreter so that the service starts the same installation.
+keeps the two equal): `acestep` installed for the user (pipx, `pip install
+--user`) as `~/.local/bin/acestep`. systemd does not search a virtual
+environment or `~/.local/bin`, so `acestep install-service` renders them with
+the absolute path of the interpreter it runs with (and the checkout it runs
+from, when that interpreter does not import it by itself), so that the service
+starts the same installation.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import shlex
 SERVICE_NAME = "ace-step-gen.service"
 SOCKET_UNIT_NAME = "ace-step-gen.socket"
 DEFAULT_LISTEN = "%t/ace-step-gen.sock"
-DEFAULT_EXEC_START = "/usr/bin/env acestep serve"
+DEFAULT_EXEC_START = "%h/.local/bin/acestep serve"
 
 SERVICE = """\
 [Unit]
@@ -32,7 +36,7 @@ TimeoutStartSec=1800
 TimeoutStopSec=90
 WatchdogSec=120
 Environment=PYTHONUNBUFFERED=1
-
+{environment}
 [Install]
 WantedBy=default.target
 """
@@ -56,8 +60,15 @@ def exec_start(python: str, serve_args: list[str]) -> str:
     return shlex.join([python, "-m", "acestep_daemon", "serve", *serve_args])
 
 
-def render_service(exec_start: str = DEFAULT_EXEC_START) -> str:
-    return SERVICE.format(exec_start=exec_start, socket_unit=SOCKET_UNIT_NAME)
+def render_service(
+    exec_start: str = DEFAULT_EXEC_START, environment: dict[str, str] | None = None
+) -> str:
+    """The service unit; `environment` adds `Environment=NAME=VALUE` lines."""
+    lines = "".join(
+        f"Environment={shlex.quote(f'{name}={value}')}\n"
+        for name, value in (environment or {}).items()
+    )
+    return SERVICE.format(exec_start=exec_start, socket_unit=SOCKET_UNIT_NAME, environment=lines)
 
 
 def render_socket(listen: str = DEFAULT_LISTEN) -> str:

@@ -47,20 +47,21 @@ def install_service(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_dry_run_prints_units_and_paths_and_writes_nothing(tmp_path: Path):
     units_dir, skill_dir = tmp_path / "units", tmp_path / "skill"
-    result = install_service(
-        "--unit-dir", str(units_dir), "--skill-dir", str(skill_dir), "--dry-run"
-    )
-    assert not units_dir.exists() and not skill_dir.exists()
+    result = install_service("--unit-dir", str(units_dir), "--dry-run")
+    assert not units_dir.exists()
     assert f"would write {units_dir / units.SERVICE_NAME}" in result.stdout
     assert f"would write {units_dir / units.SOCKET_UNIT_NAME}" in result.stdout
-    assert f"would write {skill_dir / 'scripts' / 'acestep-request'} (mode 755)" in result.stdout
     assert units.render_socket() in result.stdout
     assert "systemctl --user enable --now ace-step-gen.socket" in result.stdout
+    skill = install_service("--skill-dir", str(skill_dir), "--dry-run")
+    assert not skill_dir.exists()
+    assert f"would write {skill_dir / 'scripts' / 'acestep-request'} (mode 755)" in skill.stdout
 
 
 def test_skill_dir_gets_the_skill_and_a_runnable_copy_of_the_client(tmp_path: Path):
     skill_dir = tmp_path / "skills" / "generate_music"
     install_service("--unit-dir", str(tmp_path / "units"), "--skill-dir", str(skill_dir))
+    assert not (tmp_path / "units").exists()  # only the skill
     installed = skill_dir / "scripts" / "acestep-request"
     assert (skill_dir / "SKILL.md").read_text() == (
         REPO / "skills" / "generate_music" / "SKILL.md"
@@ -79,4 +80,5 @@ def test_skill_dir_gets_the_skill_and_a_runnable_copy_of_the_client(tmp_path: Pa
 
 def test_without_skill_dir_it_says_where_the_skill_goes(tmp_path: Path):
     result = install_service("--unit-dir", str(tmp_path))
-    assert "spacebot skill: copy" in result.stdout and "--skill-dir" in result.stdout
+    assert "spacebot skill: run again with --skill-dir" in result.stdout
+    assert "workspace/skills/generate_music" in result.stdout
