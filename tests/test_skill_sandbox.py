@@ -1,10 +1,15 @@
 """SKILL.md's command, run the way spacebot runs a worker's shell command (bubblewrap).
 
-The sandbox: the root file system read-only, a private tmpfs on /tmp, a
-read-write workspace that is also HOME, and an environment cleared to PATH
-(without the project's virtual environment), HOME, TMPDIR, USER, LANG and
-TERM. The daemon runs outside with its default socket, which is
-`/run/user/<uid>/ace-step-gen.sock` when XDG_RUNTIME_DIR is unset.
+The sandbox is spacebot's (`src/sandbox.rs`, `wrap_bubblewrap`): read-only binds
+of /bin /sbin /usr /lib /lib64 /etc /opt /run /nix (those that exist) and of the
+instance's tools/bin, a fresh /dev and /proc, a private tmpfs on /tmp, the agent's
+workspace read-write (also HOME), the agent's data folder masked, and an
+environment cleared to PATH (tools/bin first, then spacebot's own PATH),
+HOME, TMPDIR, CI, DEBIAN_FRONTEND, USER, LANG and TERM. Nothing else of the
+host's HOME is there: the skill is installed into the workspace's skills/
+folder, as `acestep install-service --skill-dir` does. The daemon runs
+outside with its default socket, which is `/run/user/<uid>/ace-step-gen.sock`
+when XDG_RUNTIME_DIR is unset.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ import pytest
 import soundfile
 
 from acestep_daemon import client
-from tests.daemon_harness import Daemon, daemon_env, spawn
+from tests.daemon_harness import REPO, Daemon, daemon_env, spawn
 
-REPO = Path(__file__).resolve().parent.parent
 SKILL_DIR = REPO / "skills" / "generate_music"
+SKILL_TEXT = (SKILL_DIR / "SKILL.md").read_text()
 
 
 def _bwrap() -> str:
@@ -56,26 +61,36 @@ def sandbox_path() -> str:
     return os.pathsep.join(kept)
 
 
+SYSTEM_PATHS = ("/bin", "/sbin", "/usr", "/lib", "/lib64", "/etc", "/opt", "/run", "/nix")
+"""spacebot's LINUX_READ_ONLY_SYSTEM_PATHS."""
+
+
 def in_sandbox(
-    bwrap: str, workspace: Path, command: str, timeout: float = 300
+    bwrap: str, instance: Path, command: str, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
+    """`command` in spacebot's sandbox of an agent whose instance folder is `instance`."""
+    workspace, data, tools_bin = instance / "workspace", instance / "data", instance / "tools/bin"
+    for folder in (workspace, data, tools_bin):
+        folder.mkdir(parents=True, exist_ok=True)
+    mounts = [a for p in SYSTEM_PATHS if Path(p).exists() for a in ("--ro-bind", p, p)]
+    mounts += ["--ro-bind", str(tools_bin), str(tools_bin)]
+    mounts += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    mounts += ["--bind", str(workspace), str(workspace), "--tmpfs", str(data)]
     env = {
-        "PATH": sandbox_path(),
+        "PATH": f"{tools_bin}{os.pathsep}{sandbox_path()}",
         "HOME": str(workspace),
         "TMPDIR": "/tmp",
+        "CI": "true",
+        "DEBIAN_FRONTEND": "noninteractive",
         "USER": os.environ.get("USER", "agent"),
         "LANG": "C.UTF-8",
         "TERM": "dumb",
     }
     setenv = [arg for name, value in env.items() for arg in ("--setenv", name, value)]
-    mounts = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-    # Spacebot's skills folder is visible (read-only) through the root bind; a checkout that
-    # lies under /tmp (CI's clone, say) would vanish under the tmpfs, so bind it back.
-    mounts += ["--ro-bind", str(REPO), str(REPO)]
-    mounts += ["--bind", str(workspace), str(workspace), "--chdir", str(workspace)]
-    isolation = ["--unshare-pid", "--die-with-parent", "--clearenv", *setenv]
+    isolation = ["--unshare-pid", "--new-session", "--die-with-parent", "--clearenv"]
+    isolation += ["--chdir", str(workspace), *setenv]
     return subprocess.run(
-        [bwrap, *mounts, *isolation, "bash", "-c", command],
+        [bwrap, *mounts, *isolation, "--", "bash", "-c", command],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -83,11 +98,24 @@ def in_sandbox(
     )
 
 
-def documented_command(duration_s: float) -> str:
+def install_skill(skill_dir: Path) -> Path:
+    """`acestep install-service --skill-dir skill_dir`, as README says; returns skill_dir."""
+    subprocess.run(
+        [sys.executable, "-m", "acestep_daemon", "install-service", "--skill-dir", str(skill_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return skill_dir
+
+
+def documented_command(duration_s: float, base_dir: Path) -> str:
     """The first sh block of SKILL.md, with {baseDir} filled in and a short duration."""
     block = re.search(r"```sh\n(.*?)```", (SKILL_DIR / "SKILL.md").read_text(), re.S)
     assert block is not None
-    command = block.group(1).replace("{baseDir}", str(SKILL_DIR))
+    command = block.group(1).replace("{baseDir}", str(base_dir))
     command, count = re.subn(r'"duration_s": [0-9.]+', f'"duration_s": {duration_s}', command)
     assert count == 1, command
     return command
@@ -127,28 +155,49 @@ def run_user_daemon(
 def test_skill_command_in_the_sandbox_writes_audio_into_the_workspace(
     run_user_daemon: Daemon, tmp_path: Path
 ):
-    workspace = tmp_path / "workspace"
-    workspace.mkdir()
-    result = in_sandbox(_bwrap(), workspace, documented_command(2))
+    instance = tmp_path / "agents" / "main"
+    skill = install_skill(instance / "workspace" / "skills" / "generate_music")
+    result = in_sandbox(_bwrap(), instance, documented_command(2, skill))
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout.splitlines()[-1])
     assert answer["ok"] is True, answer
     path = Path(answer["path"])
-    assert path.parent.parent == workspace and path.suffix == ".ogg"
+    assert path.parent.parent == instance / "workspace" and path.suffix == ".ogg"
     info = soundfile.info(str(path))
     assert (info.samplerate, info.channels) == (48000, 2)
     assert abs(info.frames - 2 * 48000) <= 1920
 
 
+def test_ping_in_the_sandbox(run_user_daemon: Daemon, tmp_path: Path):
+    instance = tmp_path / "agents" / "main"
+    skill = install_skill(instance / "workspace" / "skills" / "generate_music")
+    ping = re.search(r"`(\{baseDir\}/scripts/acestep-request --command ping)`", SKILL_TEXT)
+    assert ping is not None
+    result = in_sandbox(_bwrap(), instance, ping.group(1).replace("{baseDir}", str(skill)))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"ok": True, "message": "pong"}
+
+
 def test_bad_request_in_the_sandbox_exits_non_zero_with_the_daemons_error(
     run_user_daemon: Daemon, tmp_path: Path
 ):
-    workspace = tmp_path / "workspace"
-    workspace.mkdir()
-    command = documented_command(2).replace('"duration_s": 2', '"duration_s": 9999')
-    result = in_sandbox(_bwrap(), workspace, command)
+    instance = tmp_path / "agents" / "main"
+    skill = install_skill(instance / "workspace" / "skills" / "generate_music")
+    command = documented_command(2, skill).replace('"duration_s": 2', '"duration_s": 9999')
+    result = in_sandbox(_bwrap(), instance, command)
     assert result.returncode == client.EXIT_DAEMON_ERROR
     answer = json.loads(result.stdout.splitlines()[-1])
     assert answer["code"] == "invalid_request"
     assert answer["error"] in result.stderr and "duration_s" in result.stderr
-    assert not any(workspace.rglob("*.ogg"))
+    assert not any((instance / "workspace").rglob("*.ogg"))
+
+
+def test_skill_outside_the_workspace_is_client_not_found(tmp_path: Path):
+    """Installed where the sandbox cannot see it (the instance's skills folder, the
+    checkout): exit 127, which SKILL.md tells apart from every answer of the client."""
+    instance = tmp_path / "agents" / "main"
+    for hidden in (install_skill(tmp_path / "skills" / "generate_music"), SKILL_DIR):
+        result = in_sandbox(_bwrap(), instance, documented_command(2, hidden))
+        assert result.returncode == 127, (hidden, result.stderr)
+        assert "No such file or directory" in result.stderr
+    assert "127 the client itself was not found" in SKILL_TEXT
