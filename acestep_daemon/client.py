@@ -117,7 +117,10 @@ def _connect(path: Path, timeout: float | None) -> socket.socket:
             why = f"no daemon we may use: permission denied on {path}"
         else:
             why = f"cannot connect to {path}: {error.strerror or error}"
-        hint = f"start one with `acestep serve`, or name its socket with --socket or ${SOCKET_ENV}"
+        hint = (
+            "start it (`systemctl --user start ace-step-gen.socket`, or `scripts/serve` in the "
+            f"acestep-daemon checkout), or name its socket with --socket or ${SOCKET_ENV}"
+        )
         raise ClientError(f"{why}; {hint}", EXIT_NO_DAEMON) from None
     return sock
 

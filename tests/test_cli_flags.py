@@ -64,3 +64,48 @@ def test_task_follows_the_inputs_unless_given() -> None:
     assert cli.build_request(parser().parse_args(repaint))["task"] == "repaint"
     explicit = ["request", "x", "--src-audio", "/a.wav", "--task", "cover", "--repaint-end", "3"]
     assert cli.build_request(parser().parse_args(explicit))["task"] == "cover"
+
+
+SUBCOMMANDS = ("serve", "request", "install-service", "generate", "make-tiny-checkpoint")
+
+
+@pytest.mark.parametrize("subcommand", SUBCOMMANDS)
+def test_every_option_of_every_subcommand_has_help(subcommand: str, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main([subcommand, "--help"])
+    assert done.value.code == 0
+    root = argparse.ArgumentParser()
+    subparsers = root.add_subparsers()
+    {
+        "serve": cli._add_serve,
+        "request": cli._add_request,
+        "install-service": cli._add_install_service,
+        "generate": cli._add_generate,
+        "make-tiny-checkpoint": cli._add_make_tiny_checkpoint,
+    }[subcommand](subparsers)
+    (sub,) = subparsers.choices.values()
+    undocumented = [a.option_strings or a.dest for a in sub._actions if not a.help]
+    assert undocumented == []
+
+
+def test_serve_help_names_tiny_and_one_default_per_option(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert ",tiny}" in text and "one function per subcommand" not in text
+
+
+def test_task_help_states_one_default(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["request", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    task = text[text.index("--task {text2music,repaint,cover} ") :].split(" --reference-audio")[0]
+    assert "(text2music)" not in task and "else text2music" in task
+    duration = text[text.index("-d SECONDS, --duration SECONDS") :].split(" --shift")[0]
+    assert "(30;" in duration and "planner chooses" in duration
+
+
+def test_bare_acestep_prints_the_help(capsys) -> None:
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert "ACE-Step v1.5" in err and "install-service" in err and "error:" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -108,10 +109,35 @@ def test_skill_says_what_the_sandbox_needs():
     assert (SKILL.parent / "scripts" / "acestep-request").is_file()
 
 
-def _help(subcommand: str) -> str:
+def readme_command_lines() -> list[str]:
+    """Every line of README's bash/sh code blocks, comments cut."""
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", README.read_text(), re.S)
+    return [line.split(" #")[0].rstrip() for block in blocks for line in block.splitlines()]
+
+
+def test_readme_commands_exist_in_a_fresh_clone():
+    """A command is a file of the checkout (executable) or a system tool, never a bare
+    `acestep`, which a fresh clone does not have on PATH (`scripts/acestep` is its own)."""
+    programs = {line.split()[0] for line in readme_command_lines() if line.strip()}
+    local = {p for p in programs if re.fullmatch(r"[\w-]+(/[\w.-]+)+", p)}
+    assert {"scripts/serve", "scripts/acestep", "scripts/test"} <= local
+    for program in local:
+        assert os.access(REPO / program, os.X_OK), f"{program} is not an executable file"
+    assert "acestep" not in programs
+    python3 = [line for line in readme_command_lines() if line.startswith("python3 ")]
+    for line in python3:
+        assert (REPO / line.split()[1]).is_file(), line
+
+
+def _help(command: str) -> str:
+    """`scripts/acestep SUB --help` or `scripts/serve --help`, run as README runs them."""
+    argv = ["scripts/serve"] if command == "serve-script" else ["scripts/acestep", command]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACESTEP_")}
+    env["ACESTEP_VENV"] = sys.prefix
     return subprocess.run(
-        [sys.executable, "-m", "acestep_daemon", subcommand, "--help"],
+        [str(REPO / argv[0]), *argv[1:], "--help"],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -120,16 +146,16 @@ def _help(subcommand: str) -> str:
 
 
 def test_readme_commands_use_flags_that_help_lists():
-    """Every `acestep SUB …` / `scripts/serve …` line in README's code blocks, against --help."""
-    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", README.read_text(), re.S)
+    """Every `scripts/acestep SUB …` / `scripts/serve …` line in README's code blocks,
+    against the --help of that very command."""
     helps: dict[str, str] = {}
     checked = 0
-    for line in (line for block in blocks for line in block.splitlines()):
-        match = re.match(r"(?:acestep (\S+)|scripts/(serve))\b(.*)", line.split("#")[0])
+    for line in readme_command_lines():
+        match = re.match(r"(?:scripts/acestep (\S+)|scripts/(serve))\b(.*)", line)
         if not match:
             continue
-        subcommand, rest = match.group(1) or match.group(2), match.group(3)
-        own, _, serve_flags = rest.partition(" -- ")
+        subcommand = match.group(1) or "serve-script"
+        own, _, serve_flags = match.group(3).partition(" -- ")
         for name, text in ((subcommand, own), ("serve", serve_flags)):
             for flag in re.findall(r"(?<!\S)(--?[a-z][\w-]*)", text):
                 helps.setdefault(name, _help(name))
