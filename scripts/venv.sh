@@ -38,8 +38,10 @@ acestep_venv() {
             "or pyproject.toml or constraints.txt changed)..." >&2
         python -m pip install --quiet --upgrade pip
         python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
-        python -m pip install --quiet -c "$repo_root/constraints.txt" \
-            -e "$repo_root${extras:+[$extras]}"
+        # setuptools warns on every editable install, "be careful with folders named like
+        # your package": that is the point of this one (the checkout's code runs).
+        PYTHONWARNINGS="ignore:Editable installation" python -m pip install --quiet \
+            -c "$repo_root/constraints.txt" -e "$repo_root${extras:+[$extras]}"
         touch "$stamp"
         echo ".venv is ready" >&2
     fi
