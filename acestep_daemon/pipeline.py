@@ -11,7 +11,8 @@ out-of-memory policy can retry one stage:
                             latents; planned codes → context hints; seeds (and retake
                             seed) → noise
     diffuse  ("diffusion")  the model's sampler: turbo (1-20 steps, DCW) or the guided
-                            sft/base sampler; with the request's LoRA adapter applied
+                            sft/base sampler, Euler, Heun or SDE steps; with the
+                            request's LoRA adapter applied
     decode   ("vae")        tiled VAE decode, anti-clipping, crop to the request
 
 `generate` runs them all.
