@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from acestep_daemon.family import SAMPLERS, TURBO_MAX_STEPS
+from acestep_daemon.family import SAMPLERS, TURBO_MAX_STEPS, Sampler
 
 from .acestep import AceStepModel
 from .dcw import DcwSettings, dcw_correct
@@ -67,7 +67,7 @@ class SamplerSettings:
     f·v_prev (0: off); Heun's corrector velocity is blended with the step's first one.
     """
 
-    name: str = "euler"
+    name: Sampler = "euler"
     velocity_norm_threshold: float = 0.0
     velocity_ema_factor: float = 0.0
     seed: int = 0
