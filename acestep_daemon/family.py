@@ -19,6 +19,11 @@ GUIDANCE_METHODS: tuple[str, ...] = get_args(GuidanceMethod)
 DcwMode = Literal["pix", "low", "high", "double"]
 DCW_MODES: tuple[str, ...] = get_args(DcwMode)
 """Which bands the wavelet correction (DCW) pushes."""
+Sampler = Literal["euler", "heun", "sde"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+"""How each step moves the latent: Euler (upstream's default ODE step), Heun (a second DiT call
+per step, upstream `sampler_mode="heun"`) or SDE (predict x0, re-noise; upstream
+`infer_method="sde"`)."""
 TURBO_MAX_STEPS = 20
 """Most turbo steps (official turbo `generate_audio` clamps `infer_steps` to 20)."""
 GUIDED_MAX_STEPS = 200

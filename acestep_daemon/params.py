@@ -29,6 +29,7 @@ from acestep_daemon.family import (
     DcwMode,
     GuidanceMethod,
     ModelSpec,
+    Sampler,
 )
 
 Task = Literal["text2music", "repaint", "cover"]
@@ -205,6 +206,17 @@ class GenerationParams(StrictModel):
     )
     dcw_high_scaler: Annotated[float | None, Flag("--dcw-high-scaler")] = Field(
         None, ge=0.0, le=1.0, description="DCW strength, high band of mode double (0.02)"
+    )
+    sampler: Annotated[Sampler, Flag("--sampler")] = Field(
+        "euler",
+        description="step rule: euler; heun (two DiT calls a step); sde (re-noises each step "
+        "from the first seed)",
+    )
+    velocity_norm_threshold: Annotated[float, Flag("--velocity-norm-threshold")] = Field(
+        0.0, ge=0.0, le=5.0, description="caps each step's |v| at this times |x| (0 = off)"
+    )
+    velocity_ema_factor: Annotated[float, Flag("--velocity-ema-factor")] = Field(
+        0.0, ge=0.0, le=0.5, description="blends each step's v with the last one's (0 = off)"
     )
     retake_seed: Annotated[int | None, Flag("--retake-seed")] = Field(
         None, ge=0, le=MAX_SEED, description="retake: the second seed mixed into the noise"

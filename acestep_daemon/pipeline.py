@@ -11,7 +11,8 @@ out-of-memory policy can retry one stage:
                             latents; planned codes → context hints; seeds (and retake
                             seed) → noise
     diffuse  ("diffusion")  the model's sampler: turbo (1-20 steps, DCW) or the guided
-                            sft/base sampler; with the request's LoRA adapter applied
+                            sft/base sampler, Euler, Heun or SDE steps; with the
+                            request's LoRA adapter applied
     decode   ("vae")        tiled VAE decode, anti-clipping, crop to the request
 
 `generate` runs them all.
@@ -45,7 +46,7 @@ from acestep_daemon.constants import (
 )
 from acestep_daemon.errors import GenerationFailed, InvalidRequest
 from acestep_daemon.family import DEFAULT_MODEL, MODELS, ModelSpec
-from acestep_daemon.model import AceStepModel, DcwSettings, sample_guided
+from acestep_daemon.model import AceStepModel, DcwSettings, SamplerSettings, sample_guided
 from acestep_daemon.model.lora import lora_applied
 from acestep_daemon.model.sampler import (
     RepaintInputs,
@@ -112,6 +113,7 @@ class Audio:
     duration_s: float
     timings: dict[str, float]
     thinking: dict[str, Any] | None = None  # what the planner did (mode, inferred, codes)
+    sampler: str = "euler"  # the step rule that ran
     notes: list[str] = field(default_factory=list)
     """What the request asked for that was changed or cut, in words (shift snapped, text cut)."""
 
@@ -716,12 +718,19 @@ class Pipeline:
             scale = params.lora_scale
         shift = params.shift if params.shift is not None else spec.shift
         inputs = (self.model, cond.noise, cond.encoder_hidden, cond.context)
+        sampler = SamplerSettings(
+            params.sampler,
+            params.velocity_norm_threshold,
+            params.velocity_ema_factor,
+            seed=cond.seeds[0],
+        )
         with lora_applied(self.model, adapter, scale):
             if not spec.guided:
                 latents = sample_turbo(
                     *inputs,
                     shift,
                     steps=params.steps,
+                    sampler=sampler,
                     dcw=dcw_settings(params, spec),
                     repaint=cond.repaint,
                     on_step=on_step,
@@ -735,6 +744,7 @@ class Pipeline:
                     method=params.guidance or "apg",
                     interval=tuple(params.guidance_interval or (0.0, 1.0)),
                     timesteps=params.timesteps,
+                    sampler=sampler,
                     dcw=dcw_settings(params, spec),
                     repaint=cond.repaint,
                     on_step=on_step,
@@ -789,5 +799,6 @@ class Pipeline:
             duration_s=samples / SAMPLE_RATE,
             timings=dict(cond.timings),
             thinking=None if cond.planned is None else cond.planned.report(),
+            sampler=cond.params.sampler,
             notes=list(cond.notes),
         )

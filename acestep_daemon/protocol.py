@@ -134,12 +134,14 @@ def success_answer(
     vae_chunk_frames: int,
     notes: list[str],
     thinking: dict[str, Any] | None = None,
+    sampler: str = "euler",
     takes: list[tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The answer of a written file (the daemon's, and `acestep generate`'s line).
 
     The ace-step-rs success fields come first, then ours. `dtype` may carry torch's
-    `torch.` prefix (`str(torch.bfloat16)`); the answer names it without. `thinking` (what
+    `torch.` prefix (`str(torch.bfloat16)`); the answer names it without. `sampler` is the
+    step rule that ran (euler, heun or sde). `thinking` (what
     the planner did) and `takes` ((file, seed) of every take of a `seeds` request) appear
     only when given.
     """
@@ -156,6 +158,7 @@ def success_answer(
         "fallback": fallback,
         "oom_retries": oom_retries,
         "vae_chunk_frames": vae_chunk_frames,
+        "sampler": sampler,
         "notes": notes,
     }
     if thinking is not None:

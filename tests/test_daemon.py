@@ -220,6 +220,30 @@ def test_hangup_while_running_cancels_between_steps(daemon: Daemon, tmp_path: Pa
     assert not output.exists()
 
 
+def test_heun_sampler_runs_and_the_answer_reports_it(daemon: Daemon, tmp_path: Path):
+    request = {"caption": "ambient piano", "duration_s": DURATION_S, "seed": 7, "progress": True}
+    euler = ask(daemon.socket, request | {"output": str(tmp_path / "euler.wav")})
+    heun = ask(daemon.socket, request | {"output": str(tmp_path / "heun.wav"), "sampler": "heun"})
+    assert euler[-1]["ok"] is True and heun[-1]["ok"] is True, heun[-1]
+    assert (euler[-1]["sampler"], heun[-1]["sampler"]) == ("euler", "heun")
+    steps = [a["progress"] for a in heun[:-1] if a["progress"]["stage"] == "diffusion"]
+    # one line per step (not per DiT call), then the closing 8 of 8
+    assert [(s["step"], s["of"]) for s in steps] == [(k, 8) for k in range(9)]
+    assert_complete_audio(tmp_path / "heun.wav", DURATION_S)
+    first, _ = soundfile.read(str(tmp_path / "euler.wav"))
+    second, _ = soundfile.read(str(tmp_path / "heun.wav"))
+    assert not (first == second).all()
+
+
+def test_unknown_sampler_is_an_invalid_request(daemon: Daemon):
+    answer = daemon.ask({"caption": "x", "duration_s": 1, "sampler": "dpm"})
+    assert answer["ok"] is False and answer["code"] == "invalid_request"
+    assert "sampler" in answer["error"]
+    answer = daemon.ask({"caption": "x", "duration_s": 1, "velocity_ema_factor": 0.9})
+    assert answer["ok"] is False and "velocity_ema_factor" in answer["error"]
+    assert daemon.ask({"command": "ping"})["ok"]
+
+
 def test_bad_time_signature_is_answered_as_an_invalid_request(daemon: Daemon):
     answer = daemon.ask({"caption": "x", "duration_s": 1, "time_signature": "banana"})
     assert answer["ok"] is False and answer["code"] == "invalid_request"

@@ -110,6 +110,8 @@ def test_sft_defaults_to_fifty_guided_steps(sft: Daemon, tmp_path: Path) -> None
         {"steps": 4, "guidance": "cfg", "guidance_scale": 3.0},
         {"steps": 4, "guidance": "adg", "guidance_interval": [0.3, 0.9], "shift": 3.0},
         {"timesteps": [1.0, 0.8, 0.5, 0.0], "dcw": True},
+        {"steps": 4, "sampler": "heun", "velocity_norm_threshold": 2.0},
+        {"steps": 4, "sampler": "sde", "velocity_ema_factor": 0.1},
     ],
 )
 def test_sft_takes_guidance_fields(sft: Daemon, tmp_path: Path, fields: dict) -> None:
@@ -117,6 +119,7 @@ def test_sft_takes_guidance_fields(sft: Daemon, tmp_path: Path, fields: dict) ->
     assert_audio(answers[-1])
     expected = len(fields["timesteps"]) - 1 if "timesteps" in fields else fields["steps"]
     assert diffusion_steps(answers) == expected
+    assert answers[-1]["sampler"] == fields.get("sampler", "euler")
 
 
 def test_lora_request_loads_the_adapter_and_a_mismatched_one_is_refused(

@@ -1,4 +1,5 @@
-"""The turbo sampler (official `generate_audio`, ODE path): Euler steps, last one jumps to x0.
+"""The turbo sampler (official turbo `generate_audio`): Euler, Heun or SDE steps, the last one
+jumps to x0; plus the step rules it shares with the guided sampler (`guided.py`).
 
 Rounding follows the official code exactly: the schedule becomes a tensor in the model dtype
 whose values are read back as Python floats, dt is the difference of those rounded values,
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from acestep_daemon.family import TURBO_MAX_STEPS
+from acestep_daemon.family import SAMPLERS, TURBO_MAX_STEPS, Sampler
 
 from .acestep import AceStepModel
 from .dcw import DcwSettings, dcw_correct
@@ -51,6 +52,79 @@ class RepaintInputs:
     clean_latents: torch.Tensor
     injection_ratio: float = 0.5
     crossfade_frames: int = 10
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How each step moves x (upstream `sampler_mode`, `infer_method`, `velocity_*`).
+
+    name: "euler" (x -= v·dt), "heun" (a second DiT call at the Euler guess's t_next; the
+    step uses the mean of both velocities) or "sde" (x0 = x - v·t, then re-noised to the next
+    t with fresh noise from a generator seeded with `seed`; upstream draws the same values
+    from torch's global generator, `torch.randn_like`).
+    velocity_norm_threshold: > 0 caps each item's ‖v‖ at threshold · ‖x‖ (0: off).
+    velocity_ema_factor: > 0 blends each velocity with the previous step's, v <- (1 - f)·v +
+    f·v_prev (0: off); Heun's corrector velocity is blended with the step's first one.
+    """
+
+    name: Sampler = "euler"
+    velocity_norm_threshold: float = 0.0
+    velocity_ema_factor: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}")
+
+    def noise_source(self, device: torch.device | str) -> torch.Generator | None:
+        """The SDE's re-noising generator (None for the ODE samplers)."""
+        if self.name != "sde":
+            return None
+        return torch.Generator(device=device).manual_seed(int(self.seed))
+
+
+def clamp_velocity(v: torch.Tensor, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """v [B, T, C] scaled so that no item's ‖v‖ exceeds threshold · ‖x‖ (upstream's eps)."""
+    v_norm = torch.norm(v, dim=(1, 2), keepdim=True)
+    x_norm = torch.norm(x, dim=(1, 2), keepdim=True) + 1e-10
+    return v * torch.clamp(threshold * x_norm / (v_norm + 1e-10), max=1.0)
+
+
+def blend_velocity(v: torch.Tensor, previous: torch.Tensor, factor: float) -> torch.Tensor:
+    """The velocity EMA: (1 - factor)·v + factor·previous."""
+    return (1.0 - factor) * v + factor * previous
+
+
+def shape_velocity(
+    v: torch.Tensor, x: torch.Tensor, previous: torch.Tensor | None, sampler: SamplerSettings
+) -> torch.Tensor:
+    """A step's first velocity after the optional norm clamp and EMA (upstream order)."""
+    if sampler.velocity_norm_threshold > 0.0:
+        v = clamp_velocity(v, x, sampler.velocity_norm_threshold)
+    if sampler.velocity_ema_factor > 0.0 and previous is not None:
+        v = blend_velocity(v, previous, sampler.velocity_ema_factor)
+    return v
+
+
+def heun_velocity(
+    v: torch.Tensor, v_corrector: torch.Tensor, x_guess: torch.Tensor, sampler: SamplerSettings
+) -> torch.Tensor:
+    """Heun's step velocity: the mean of v and the (clamped, blended) corrector velocity at
+    the Euler guess x_guess."""
+    if sampler.velocity_norm_threshold > 0.0:
+        v_corrector = clamp_velocity(v_corrector, x_guess, sampler.velocity_norm_threshold)
+    if sampler.velocity_ema_factor > 0.0:
+        v_corrector = blend_velocity(v_corrector, v, sampler.velocity_ema_factor)
+    return 0.5 * (v + v_corrector)
+
+
+def renoise(x0: torch.Tensor, t: float, generator: torch.Generator) -> torch.Tensor:
+    """SDE step: t·ε + (1 - t)·x0 with ε [B, T, C] drawn in x0's dtype and device
+    (as upstream's `renoise` with `torch.randn_like`)."""
+    noise = torch.randn(
+        x0.shape, generator=generator, device=x0.device, dtype=x0.dtype
+    )  # [B, T, C]
+    return t * noise + (1 - t) * x0
 
 
 def snap_shift(shift: float) -> float:
@@ -158,31 +232,37 @@ def sample_turbo(
     shift: float,
     *,
     steps: int | None = None,
+    sampler: SamplerSettings | None = None,
     dcw: DcwSettings | None = None,
     repaint: RepaintInputs | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Full turbo generation (official `generate_audio`, ODE, cover strength 1) -> [B, T, 64].
+    """Full turbo generation (official `generate_audio`, cover strength 1) -> [B, T, 64].
 
     noise [B, T, 64] (see `draw_noise`, `mix_retake`), encoder_hidden [B, S, D] from
     `encode_condition`, context [B, T, 128] from `build_context`; the schedule
     (`turbo_timesteps(shift, steps)`) takes the context's dtype and device, as upstream.
-    `dcw` corrects every step, the last one included (None: off). `on_step(k, total)` runs
-    before each DiT call and may raise to cancel.
+    `sampler` picks the step rule (None: Euler); the last step always jumps to x0 with the
+    step's first velocity. `dcw` corrects every step, the last one included (None: off), with
+    x0 from the first velocity. `on_step(k, total)` runs before each step's DiT call(s) and
+    may raise to cancel.
     """
+    sampler = sampler or SamplerSettings()
     batch, device, dtype = context.shape[0], context.device, context.dtype
     schedule = torch.tensor(turbo_timesteps(shift, steps), device=device, dtype=dtype)
     steps = len(schedule)
     inject_steps = round(repaint.injection_ratio * steps) if repaint is not None else 0
     constants = run_constants(model, encoder_hidden, context)
-    x = noise
+    generator = sampler.noise_source(device)
+    x, v_previous = noise, None
     for k in range(steps):
         if on_step is not None:
             on_step(k, steps)
         t = schedule[k].item()
         t_batch = t * torch.ones((batch,), device=device, dtype=dtype)
         v = model.decoder(x, t_batch, t_batch, encoder_hidden, context, constants)
-        x_before = x
+        v = shape_velocity(v, x, v_previous, sampler)
+        x_before, v_first = x, v
         if k == steps - 1:
             x = x - v * t_batch[:, None, None]  # the last step predicts x0 directly
             if dcw is not None:
@@ -190,9 +270,21 @@ def sample_turbo(
             break
         t_next = schedule[k + 1].item()
         dt = (t - t_next) * torch.ones((batch,), device=device, dtype=dtype)
-        x = x - v * dt[:, None, None]
+        if generator is not None:
+            x = renoise(x - v * t_batch[:, None, None], t_next, generator)
+        elif sampler.name == "heun":
+            x_guess = x - v * dt[:, None, None]
+            t_next_batch = t_next * torch.ones((batch,), device=device, dtype=dtype)
+            v_corrector = model.decoder(
+                x_guess, t_next_batch, t_next_batch, encoder_hidden, context, constants
+            )
+            v = heun_velocity(v, v_corrector, x_guess, sampler)
+            x = x - v * dt[:, None, None]
+        else:
+            x = x - v * dt[:, None, None]
         if dcw is not None:
-            x = dcw_correct(x, x_before - v * t_batch[:, None, None], t, dcw)
+            x = dcw_correct(x, x_before - v_first * t_batch[:, None, None], t, dcw)
+        v_previous = v
         if k < inject_steps:
             x = inject_source(x, repaint, noise, t_next)
     if repaint is not None and repaint.crossfade_frames > 0:
