@@ -46,7 +46,7 @@ from acestep_daemon.constants import (
 from acestep_daemon.errors import GenerationFailed, InvalidRequest
 from acestep_daemon.family import DEFAULT_MODEL, MODELS, ModelSpec
 from acestep_daemon.model import AceStepModel, DcwSettings, sample_guided
-from acestep_daemon.model.lora import lora_applied
+from acestep_daemon.model.lora import adapters_applied
 from acestep_daemon.model.sampler import (
     RepaintInputs,
     draw_noise,
@@ -716,7 +716,7 @@ class Pipeline:
             scale = params.lora_scale
         shift = params.shift if params.shift is not None else spec.shift
         inputs = (self.model, cond.noise, cond.encoder_hidden, cond.context)
-        with lora_applied(self.model, adapter, scale):
+        with adapters_applied(self.model, [(adapter, scale)]):
             if not spec.guided:
                 latents = sample_turbo(
                     *inputs,

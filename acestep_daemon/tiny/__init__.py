@@ -1,7 +1,7 @@
 """Tiny random checkpoints in the exact on-disk layout of the real ones (tests, CI, demos)."""
 
 from .checkpoint import LATENT_CHANNELS, VARIANTS, dit_config, dit_folder, make_tiny_checkpoint
-from .lora import make_tiny_lora
+from .lora import make_tiny_lokr, make_tiny_lora
 
 __all__ = [
     "LATENT_CHANNELS",
@@ -9,5 +9,6 @@ __all__ = [
     "dit_config",
     "dit_folder",
     "make_tiny_checkpoint",
+    "make_tiny_lokr",
     "make_tiny_lora",
 ]
