@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ LOKR_METADATA = "lokr_config"
 LOKR_DEFAULT_DIM, LOKR_DEFAULT_ALPHA = 64, 128
 """Upstream's `LoKRConfig` defaults, used where a LoKr file carries no config."""
 LYCORIS_PREFIX = "lycoris_"
+ADAPTER_CACHE_SIZE = 8
+"""Adapters kept loaded (least recently used dropped first)."""
 _LOKR_KEY = re.compile(
     r"^lycoris_(?P<module>\w+?)\.(?P<part>lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a"
     r"|lokr_w2_b|lokr_t2|alpha|dora_scale)$"
@@ -199,10 +202,12 @@ def _build(tensors: dict[str, torch.Tensor], alpha_of, rslora: bool, source: str
 
 
 class AdapterCache:
-    """Adapters loaded once per file version, checked against the model, on its device."""
+    """Adapters loaded once per file version, checked against the model, on its device; the
+    `capacity` most recently used are kept."""
 
-    def __init__(self) -> None:
-        self._adapters: dict[tuple, LoraAdapter] = {}
+    def __init__(self, capacity: int = ADAPTER_CACHE_SIZE) -> None:
+        self.capacity = capacity
+        self._adapters: OrderedDict[tuple, LoraAdapter] = OrderedDict()
 
     def get(self, path: Path, model: nn.Module) -> LoraAdapter:
         """The adapter at `path` on the model's device and dtype; InvalidRequest if unfit."""
@@ -210,13 +215,18 @@ class AdapterCache:
         weight = next(model.parameters())
         stamp = max((p.stat().st_mtime_ns for p in _files(path)), default=0)
         key = (path, stamp, weight.device, weight.dtype)
-        if key not in self._adapters:
-            adapter = _with_module_paths(read_adapter(path), model)
-            problem = adapter_mismatch(model, adapter)
-            if problem is not None:
-                raise InvalidRequest(f"LoRA adapter {path} does not fit this model: {problem}")
-            self._adapters = {k: v for k, v in self._adapters.items() if k[0] != path}
-            self._adapters[key] = {n: u.to(weight.device, weight.dtype) for n, u in adapter.items()}
+        if key in self._adapters:
+            self._adapters.move_to_end(key)
+            return self._adapters[key]
+        adapter = _with_module_paths(read_adapter(path), model)
+        problem = adapter_mismatch(model, adapter)
+        if problem is not None:
+            raise InvalidRequest(f"adapter {path} does not fit this model: {problem}")
+        for old in [k for k in self._adapters if k[0] == path]:
+            del self._adapters[old]
+        self._adapters[key] = {n: u.to(weight.device, weight.dtype) for n, u in adapter.items()}
+        while len(self._adapters) > self.capacity:
+            self._adapters.popitem(last=False)
         return self._adapters[key]
 
 

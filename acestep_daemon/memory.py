@@ -94,6 +94,7 @@ class Run:
             vae_chunk_frames=self.vae_chunk_frames,
             notes=self.audio.notes,
             thinking=self.audio.thinking,
+            adapters=self.audio.adapters,
             takes=[(str(take), seed) for take, seed in takes],
         )
 

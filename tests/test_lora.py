@@ -196,3 +196,25 @@ def test_lokr_file_alone_and_its_folder_are_the_same_adapter(model: AceStepModel
     from_file = read_adapter(FIXTURES / "lokr_weights.safetensors")
     assert set(from_file) == set(read_adapter(FIXTURES))
     assert next(iter(from_file.values())).scaling == 1.5  # linear_alpha 3 / linear_dim 2
+
+
+def test_two_adapters_add_their_updates(model: AceStepModel, peft_folder: Path, inputs) -> None:
+    lora, lokr = AdapterCache().get(peft_folder, model), AdapterCache().get(FIXTURES, model)
+    base = velocity(model, inputs)
+    with torch.no_grad(), adapters_applied(model, [(lora, 0.5), (lokr, 0.0)]):
+        lora_alone = model.decoder(*inputs)
+    assert torch.equal(lora_alone, velocity(model, inputs, lora, 0.5))
+    with torch.no_grad(), adapters_applied(model, [(lora, 0.5), (lokr, 0.5)]):
+        both = model.decoder(*inputs)
+    assert (both - lora_alone).abs().max() > 1e-2 * base.abs().max()
+
+
+def test_cache_keeps_the_most_recently_used(model: AceStepModel, tmp_path: Path) -> None:
+    folders = [make_tiny_lora(tmp_path / str(i), dit_config("turbo"), seed=i) for i in range(3)]
+    cache = AdapterCache(capacity=2)
+    first = cache.get(folders[0], model)
+    cache.get(folders[1], model)
+    assert cache.get(folders[0], model) is first  # used again: now the most recent
+    cache.get(folders[2], model)  # drops folders[1]
+    assert cache.get(folders[0], model) is first
+    assert len(cache._adapters) == 2

@@ -55,11 +55,9 @@ LoraAdapter = dict[str, Update]
 """Module path in `AceStepModel` -> its update."""
 
 
-def delta_weight(update: Update, scale: float) -> torch.Tensor:
-    """The update as a dense [out, in] change of the projection's weight at `scale`."""
-    if isinstance(update, LokrUpdate):
-        return torch.kron(update.w1, update.w2) * (update.scaling * scale)
-    return update.up @ update.down * (update.scaling * scale)
+def adapter_kind(adapter: LoraAdapter) -> str:
+    """ "lokr" or "lora", as the adapter's updates are."""
+    return "lokr" if any(isinstance(u, LokrUpdate) for u in adapter.values()) else "lora"
 
 
 def adapter_mismatch(model: nn.Module, adapter: LoraAdapter) -> str | None:
@@ -115,7 +113,7 @@ Hook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tenso
 def _hook(update: Update, scale: float) -> Hook:
     """A forward hook adding the update, [..., in] -> [..., out], to the projection's output."""
     if isinstance(update, LokrUpdate):
-        delta = delta_weight(update, scale)  # [out, in]
+        delta = torch.kron(update.w1, update.w2) * update.scaling * scale  # [out, in]
 
         def add_kron(
             _: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
