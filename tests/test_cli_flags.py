@@ -64,3 +64,13 @@ def test_task_follows_the_inputs_unless_given() -> None:
     assert cli.build_request(parser().parse_args(repaint))["task"] == "repaint"
     explicit = ["request", "x", "--src-audio", "/a.wav", "--task", "cover", "--repaint-end", "3"]
     assert cli.build_request(parser().parse_args(explicit))["task"] == "cover"
+
+
+@pytest.mark.parametrize("subcommand", ["generate", "request"])
+def test_lora_flag_repeats_with_a_scale_each(subcommand: str, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    two = parser().parse_args([subcommand, "-c", "x", "--lora", str(a), "--lora", f"{b}:0.4"])
+    assert cli.request_fields(two)["lora"] == [{"path": str(a)}, {"path": str(b), "scale": 0.4}]
+    one = parser().parse_args([subcommand, "-c", "x", "--lora", str(a), "--lora-scale", "0.3"])
+    fields = cli.request_fields(one)
+    assert (fields["lora"], fields["lora_scale"]) == (str(a), 0.3)
