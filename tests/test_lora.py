@@ -218,3 +218,30 @@ def test_cache_keeps_the_most_recently_used(model: AceStepModel, tmp_path: Path)
     cache.get(folders[2], model)  # drops folders[1]
     assert cache.get(folders[0], model) is first
     assert len(cache._adapters) == 2
+
+
+def test_lora_equals_peft_merge_bit_for_bit(model: AceStepModel, peft_folder: Path) -> None:
+    """`lora_merged_0.5`: upstream's load (`PeftModel.from_pretrained` on the decoder) of
+    `make_tiny_lora(..., dit_config("turbo"))`, its `set_lora_scale(0.5)`, `merge_and_unload`."""
+    adapter = AdapterCache().get(peft_folder, model)
+    reference = load_file(FIXTURES / "lora_merged_0.5.safetensors")
+    ours = effective_weights(model, adapter, 0.5, reference)
+    for name, weight in reference.items():
+        assert torch.equal(ours[name], weight), name
+
+
+@pytest.mark.parametrize("mistake", ["alpha_ignored", "transposed_pair"])
+def test_lora_fixture_catches_porting_mistakes(
+    model: AceStepModel, peft_folder: Path, mistake: str
+) -> None:
+    adapter = AdapterCache().get(peft_folder, model)
+    wrong = {
+        name: dataclasses.replace(u, scaling=1.0)
+        if mistake == "alpha_ignored"
+        else dataclasses.replace(u, down=u.up.T, up=u.down.T)
+        for name, u in adapter.items()
+    }
+    reference = load_file(FIXTURES / "lora_merged_0.5.safetensors")
+    square = [n for n, w in reference.items() if w.shape[0] == w.shape[1]]
+    ours = effective_weights(model, wrong, 0.5, square)
+    assert not any(torch.equal(ours[n], reference[n]) for n in square)
