@@ -1,9 +1,18 @@
-"""LoRA adapter files -> `model.lora.LoraAdapter`: PEFT folders and ComfyUI-style single files.
+"""Adapter files -> `model.lora.LoraAdapter`: PEFT LoRA folders, ComfyUI-style LoRA files and
+LyCORIS LoKr files.
 
 A PEFT folder holds `adapter_config.json` and `adapter_model.safetensors` with keys such as
 `base_model.model.layers.0.self_attn.q_proj.lora_A.weight`, relative to the decoder (upstream
 wraps `model.decoder` with PEFT). A single `.safetensors` file uses the same names (ComfyUI's
 layout), optionally with a `<module>.alpha` scalar per module; without one, alpha = rank.
+
+A LoKr adapter is what upstream trains and loads with LyCORIS
+(`acestep/core/generation/handler/lora/lifecycle.py`): a `lokr_weights.safetensors` file (or a
+folder holding one, or any `.safetensors` with LoKr keys) with keys such as
+`lycoris_layers_0_self_attn_q_proj.lokr_w1`, the decoder's module path with `_` for `.`, and
+upstream's `LoKRConfig` as JSON in the `lokr_config` metadata entry. Its scaling is LyCORIS's:
+linear_alpha / linear_dim (√linear_dim with rs_lora), and 1 where neither factor is low-rank.
+
 Adapters are cached by path; every problem is an `InvalidRequest`.
 """
 
@@ -12,18 +21,30 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from acestep_daemon.errors import InvalidRequest
-from acestep_daemon.model.lora import LoraAdapter, LoraUpdate, adapter_mismatch
+from acestep_daemon.model.lora import LokrUpdate, LoraAdapter, LoraUpdate, adapter_mismatch
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+LOKR_WEIGHTS = "lokr_weights.safetensors"
+LOKR_METADATA = "lokr_config"
+LOKR_DEFAULT_DIM, LOKR_DEFAULT_ALPHA = 64, 128
+"""Upstream's `LoKRConfig` defaults, used where a LoKr file carries no config."""
+LYCORIS_PREFIX = "lycoris_"
+ADAPTER_CACHE_SIZE = 8
+"""Adapters kept loaded (least recently used dropped first)."""
+_LOKR_KEY = re.compile(
+    r"^lycoris_(?P<module>\w+?)\.(?P<part>lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a"
+    r"|lokr_w2_b|lokr_t2|alpha|dora_scale)$"
+)
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:lora_(?P<part>[AB])(?:\.[^.]+)?\.weight|alpha)$"
 )
@@ -31,9 +52,13 @@ _KEY = re.compile(
 
 def read_adapter(path: Path) -> LoraAdapter:
     """The adapter at `path` (a PEFT folder or a single safetensors file), tensors on the CPU."""
+    if path.is_dir() and (path / LOKR_WEIGHTS).is_file():
+        return _read_lokr(path / LOKR_WEIGHTS)
     if path.is_dir():
         return _read_peft_folder(path)
     if path.is_file() and path.suffix == ".safetensors":
+        if _is_lokr(path):
+            return _read_lokr(path)
         return _read_single_file(path)
     if not path.exists():
         raise InvalidRequest(f"LoRA adapter not found: {path}")
@@ -78,6 +103,73 @@ def _read_single_file(file: Path) -> LoraAdapter:
     return _build(tensors, alphas.get, False, str(file))
 
 
+def _is_lokr(file: Path) -> bool:
+    """Upstream's test: the LoKr file name or `lokr_config` metadata; or LyCORIS keys."""
+    if file.name == LOKR_WEIGHTS:
+        return True
+    try:
+        with safe_open(file, framework="pt") as handle:
+            metadata, names = handle.metadata() or {}, handle.keys()
+            return LOKR_METADATA in metadata or any(n.startswith(LYCORIS_PREFIX) for n in names)
+    except (OSError, SafetensorError) as exc:
+        raise InvalidRequest(f"unreadable adapter weights {file}: {exc}") from exc
+
+
+def _lokr_config(file: Path) -> dict:
+    try:
+        with safe_open(file, framework="pt") as handle:
+            text = (handle.metadata() or {}).get(LOKR_METADATA)
+    except (OSError, SafetensorError) as exc:
+        raise InvalidRequest(f"unreadable LoKr weights {file}: {exc}") from exc
+    if text is None:
+        return {}
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{file}: unreadable {LOKR_METADATA} metadata: {exc}") from exc
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"{file}: {LOKR_METADATA} metadata is not a JSON object")
+    return config
+
+
+def _read_lokr(file: Path) -> LoraAdapter:
+    """A LyCORIS LoKr file; module names stay flat (`decoder.layers_0_self_attn_q_proj`) until
+    `AdapterCache` matches them to the model's module paths."""
+    config = _lokr_config(file)
+    if config.get("weight_decompose"):
+        raise InvalidRequest(f"{file}: LoKr with weight_decompose (DoRA) is not supported")
+    dim = int(config.get("linear_dim", LOKR_DEFAULT_DIM))
+    alpha = float(config.get("linear_alpha", LOKR_DEFAULT_ALPHA)) or float(dim)
+    low_rank_scaling = alpha / (math.sqrt(dim) if config.get("rs_lora") else dim)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in _load(file).items():
+        match = _LOKR_KEY.match(key)
+        if match is None:
+            raise InvalidRequest(f"{file}: unexpected tensor {key} (not a LyCORIS LoKr weight)")
+        parts.setdefault(match.group("module"), {})[match.group("part")] = tensor.float()
+    if not parts:
+        raise InvalidRequest(f"{file} holds no LoKr weights")
+    adapter: LoraAdapter = {}
+    for module, weights in parts.items():
+        if "dora_scale" in weights or "lokr_t2" in weights:
+            raise InvalidRequest(f"{file}: {module} uses DoRA or Tucker LoKr, not supported")
+        w1, w2 = _factor(weights, "lokr_w1"), _factor(weights, "lokr_w2")
+        if w1 is None or w2 is None:
+            raise InvalidRequest(f"{file}: {module} lacks its lokr_w1 or lokr_w2 weights")
+        full = "lokr_w1" in weights and "lokr_w2" in weights  # LyCORIS: scale 1
+        adapter[f"decoder.{module}"] = LokrUpdate(w1, w2, 1.0 if full else low_rank_scaling)
+    return adapter
+
+
+def _factor(weights: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """A Kronecker factor, stored whole or as a low-rank pair `_a` [m, r] @ `_b` [r, n]."""
+    if name in weights:
+        return weights[name]
+    if f"{name}_a" in weights and f"{name}_b" in weights:
+        return weights[f"{name}_a"] @ weights[f"{name}_b"]
+    return None
+
+
 def _load(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(file)
@@ -110,10 +202,12 @@ def _build(tensors: dict[str, torch.Tensor], alpha_of, rslora: bool, source: str
 
 
 class AdapterCache:
-    """Adapters loaded once per file version, checked against the model, on its device."""
+    """Adapters loaded once per file version, checked against the model, on its device; the
+    `capacity` most recently used are kept."""
 
-    def __init__(self) -> None:
-        self._adapters: dict[tuple, LoraAdapter] = {}
+    def __init__(self, capacity: int = ADAPTER_CACHE_SIZE) -> None:
+        self.capacity = capacity
+        self._adapters: OrderedDict[tuple, LoraAdapter] = OrderedDict()
 
     def get(self, path: Path, model: nn.Module) -> LoraAdapter:
         """The adapter at `path` on the model's device and dtype; InvalidRequest if unfit."""
@@ -121,17 +215,29 @@ class AdapterCache:
         weight = next(model.parameters())
         stamp = max((p.stat().st_mtime_ns for p in _files(path)), default=0)
         key = (path, stamp, weight.device, weight.dtype)
-        if key not in self._adapters:
-            adapter = read_adapter(path)
-            problem = adapter_mismatch(model, adapter)
-            if problem is not None:
-                raise InvalidRequest(f"LoRA adapter {path} does not fit this model: {problem}")
-            self._adapters = {k: v for k, v in self._adapters.items() if k[0] != path}
-            self._adapters[key] = {n: u.to(weight.device, weight.dtype) for n, u in adapter.items()}
+        if key in self._adapters:
+            self._adapters.move_to_end(key)
+            return self._adapters[key]
+        adapter = _with_module_paths(read_adapter(path), model)
+        problem = adapter_mismatch(model, adapter)
+        if problem is not None:
+            raise InvalidRequest(f"adapter {path} does not fit this model: {problem}")
+        for old in [k for k in self._adapters if k[0] == path]:
+            del self._adapters[old]
+        self._adapters[key] = {n: u.to(weight.device, weight.dtype) for n, u in adapter.items()}
+        while len(self._adapters) > self.capacity:
+            self._adapters.popitem(last=False)
         return self._adapters[key]
+
+
+def _with_module_paths(adapter: LoraAdapter, model: nn.Module) -> LoraAdapter:
+    """LyCORIS's flat module names (`decoder.layers_0_self_attn_q_proj`) as the model's paths."""
+    paths = {name.replace(".", "_"): name for name, _ in model.named_modules()}
+    return {paths.get(name.replace(".", "_"), name): update for name, update in adapter.items()}
 
 
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
-        return [p for p in (path / PEFT_CONFIG, path / PEFT_WEIGHTS) if p.is_file()]
+        names = (PEFT_CONFIG, PEFT_WEIGHTS, LOKR_WEIGHTS)
+        return [path / n for n in names if (path / n).is_file()]
     return [path] if path.is_file() else []

@@ -407,6 +407,16 @@ def _add_fields(p: argparse.ArgumentParser, model: type[BaseModel], *, skip: set
                 *flag.names, dest=name, choices=get_args(info.annotation), help=help_text
             )
             continue
+        if flag.parse is not None:
+            p.add_argument(
+                *flag.names,
+                dest=name,
+                type=flag.parse,
+                action="append",
+                metavar=flag.metavar,
+                help=help_text,
+            )
+            continue
         kind = next(a for a in get_args(info.annotation) or [info.annotation] if a is not NoneType)
         if kind is bool:
             p.add_argument(
@@ -442,6 +452,11 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         for name in GenerateRequest.model_fields
         if (value := getattr(args, name, None)) is not None
     }
+    match request.get("lora"):
+        case [str(path)]:
+            request["lora"] = path  # one --lora PATH: the single form, --lora-scale applies
+        case [*entries]:
+            request["lora"] = [e if isinstance(e, dict) else {"path": e} for e in entries]
     if "task" not in request and "src_audio" in request:
         has_range = "repaint_start_s" in request or "repaint_end_s" in request
         request["task"] = "repaint" if has_range else "cover"

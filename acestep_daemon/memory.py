@@ -95,6 +95,7 @@ class Run:
             notes=self.audio.notes,
             thinking=self.audio.thinking,
             sampler=self.audio.sampler,
+            adapters=self.audio.adapters,
             takes=[(str(take), seed) for take, seed in takes],
         )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, get_args
 
@@ -61,10 +62,18 @@ class Flag:
     on the wire, since the daemon's working directory is not the caller's.
     """
 
-    def __init__(self, *names: str, metavar: str | None = None, path: bool = False) -> None:
+    def __init__(
+        self,
+        *names: str,
+        metavar: str | None = None,
+        path: bool = False,
+        parse: Callable[[str], Any] | None = None,
+    ) -> None:
         self.names = names
         self.metavar = metavar
         self.path = path
+        self.parse = parse
+        """Set: the flag repeats, each value parsed by it into one entry of the field's list."""
 
 
 def time_signature_numerator(time_signature: str) -> int:
@@ -104,6 +113,35 @@ class StrictModel(BaseModel):
     """Wire strictness: no coercion, no unknown fields, no NaN/Infinity, immutable."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+def _existing_adapter(value: Any) -> Any:
+    """An absolute path to an existing adapter folder or file."""
+    path = _absolute_path_value(value, "lora")
+    if isinstance(path, str) and not os.path.exists(path):
+        raise ValueError(f"lora {path} does not exist")
+    return path
+
+
+class AdapterChoice(StrictModel):
+    """One adapter of a request: a LoRA (PEFT folder, .safetensors) or LoKr file, its scale."""
+
+    path: str
+    scale: float = Field(1.0, ge=0.0, le=1.0)
+
+    _path = field_validator("path", mode="before")(_existing_adapter)
+
+
+def adapter_flag(text: str) -> str | dict[str, Any]:
+    """`--lora PATH[:SCALE]`, the path made absolute: PATH alone as a string (the single form,
+    which `--lora-scale` may scale), PATH:SCALE as a `{path, scale}` entry."""
+    head, sep, tail = text.rpartition(":")
+    try:
+        path, scale = (head, float(tail)) if sep and head else (text, None)
+    except ValueError:
+        path, scale = text, None
+    path = os.path.abspath(os.path.expanduser(path))
+    return path if scale is None else {"path": path, "scale": scale}
 
 
 class GenerationParams(StrictModel):
@@ -224,8 +262,13 @@ class GenerationParams(StrictModel):
     retake_variance: Annotated[float | None, Flag("--retake-variance")] = Field(
         None, ge=0.0, le=1.0, description="retake: 0 = the seed's take, 1 = the retake seed's"
     )
-    lora: Annotated[str | None, Flag("--lora", path=True)] = Field(
-        None, description="LoRA adapter: a PEFT folder or a .safetensors file"
+    lora: Annotated[
+        str | list[AdapterChoice] | None,
+        Flag("--lora", metavar="PATH[:SCALE]", parse=adapter_flag),
+    ] = Field(
+        None,
+        description="adapters: a path (LoRA folder or .safetensors, LoKr file), or a list of "
+        "{path, scale}; --lora repeats",
     )
     lora_scale: Annotated[float | None, Flag("--lora-scale")] = Field(
         None, ge=0.0, le=1.0, description="strength of the LoRA adapter, or of --lora's (1)"
@@ -273,11 +316,15 @@ class GenerationParams(StrictModel):
     @field_validator("lora", mode="before")
     @classmethod
     def _adapter_path(cls, value: Any) -> Any:
-        """An absolute path to an existing adapter folder or file."""
-        path = _absolute_path_value(value, "lora")
-        if isinstance(path, str) and not os.path.exists(path):
-            raise ValueError(f"lora {path} does not exist")
-        return path
+        return value if isinstance(value, list) else _existing_adapter(value)
+
+    @property
+    def adapters(self) -> list[AdapterChoice]:
+        """The adapters named, each with its scale (a single path takes `lora_scale`, or 1)."""
+        if isinstance(self.lora, str):
+            scale = 1.0 if self.lora_scale is None else self.lora_scale
+            return [AdapterChoice(path=self.lora, scale=scale)]
+        return list(self.lora or [])
 
     @field_validator("guidance_interval")
     @classmethod
@@ -310,6 +357,8 @@ class GenerationParams(StrictModel):
             raise ValueError("give seed or seeds, not both")
         if (self.retake_seed is None) != (self.retake_variance is None):
             raise ValueError("retake_seed and retake_variance go together")
+        if isinstance(self.lora, list) and self.lora_scale is not None:
+            raise ValueError("lora_scale goes with a single lora path; a list gives each a scale")
         if self.dcw is False and self.dcw_settings_given:
             raise ValueError("dcw_mode/dcw_scaler/dcw_high_scaler given with dcw false")
         return self

@@ -47,7 +47,7 @@ from acestep_daemon.constants import (
 from acestep_daemon.errors import GenerationFailed, InvalidRequest
 from acestep_daemon.family import DEFAULT_MODEL, MODELS, ModelSpec
 from acestep_daemon.model import AceStepModel, DcwSettings, SamplerSettings, sample_guided
-from acestep_daemon.model.lora import lora_applied
+from acestep_daemon.model.lora import adapter_kind, adapters_applied
 from acestep_daemon.model.sampler import (
     RepaintInputs,
     draw_noise,
@@ -116,6 +116,8 @@ class Audio:
     sampler: str = "euler"  # the step rule that ran
     notes: list[str] = field(default_factory=list)
     """What the request asked for that was changed or cut, in words (shift snapped, text cut)."""
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    """The adapters that ran: {path, scale, kind ("lora" or "lokr")} each."""
 
     @property
     def samples(self) -> torch.Tensor:
@@ -155,6 +157,7 @@ class Conditioning:
     timings: dict[str, float] = field(default_factory=dict)
     planned: Planned | None = None
     notes: list[str] = field(default_factory=list)
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # what diffusion applied
 
     @property
     def frames(self) -> int:
@@ -708,14 +711,15 @@ class Pipeline:
             if progress:
                 progress("diffusion", step, total)
 
-        adapter, scale = {}, 1.0
-        if params.lora is not None:
-            adapter = self.adapters.get(Path(params.lora), self.model)
-        elif self.default_lora is not None:
-            adapter = self.adapters.get(self.default_lora[0], self.model)
-            scale = self.default_lora[1]
-        if params.lora_scale is not None:
-            scale = params.lora_scale
+        chosen = [(Path(a.path), a.scale) for a in params.adapters]
+        if not chosen and self.default_lora is not None:
+            path, scale = self.default_lora
+            chosen = [(path, scale if params.lora_scale is None else params.lora_scale)]
+        adapters = [(self.adapters.get(path, self.model), scale) for path, scale in chosen]
+        cond.adapters = [
+            {"path": str(path), "scale": scale, "kind": adapter_kind(adapter)}
+            for (path, scale), (adapter, _) in zip(chosen, adapters, strict=True)
+        ]
         shift = params.shift if params.shift is not None else spec.shift
         inputs = (self.model, cond.noise, cond.encoder_hidden, cond.context)
         sampler = SamplerSettings(
@@ -724,7 +728,7 @@ class Pipeline:
             params.velocity_ema_factor,
             seed=cond.seeds[0],
         )
-        with lora_applied(self.model, adapter, scale):
+        with adapters_applied(self.model, adapters):
             if not spec.guided:
                 latents = sample_turbo(
                     *inputs,
@@ -801,4 +805,5 @@ class Pipeline:
             thinking=None if cond.planned is None else cond.planned.report(),
             sampler=cond.params.sampler,
             notes=list(cond.notes),
+            adapters=list(cond.adapters),
         )

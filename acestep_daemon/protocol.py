@@ -135,15 +135,16 @@ def success_answer(
     notes: list[str],
     thinking: dict[str, Any] | None = None,
     sampler: str = "euler",
+    adapters: list[dict[str, Any]] | None = None,
     takes: list[tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The answer of a written file (the daemon's, and `acestep generate`'s line).
 
     The ace-step-rs success fields come first, then ours. `dtype` may carry torch's
     `torch.` prefix (`str(torch.bfloat16)`); the answer names it without. `sampler` is the
-    step rule that ran (euler, heun or sde). `thinking` (what
-    the planner did) and `takes` ((file, seed) of every take of a `seeds` request) appear
-    only when given.
+    step rule that ran (euler, heun or sde). `thinking` (what the planner did), `adapters`
+    ({path, scale, kind} of each adapter that ran) and `takes` ((file, seed) of every take
+    of a `seeds` request) appear only when given.
     """
     answer = {
         "ok": True,
@@ -163,6 +164,8 @@ def success_answer(
     }
     if thinking is not None:
         answer["thinking"] = thinking
+    if adapters:
+        answer["adapters"] = adapters
     if takes:
         answer["takes"] = [{"path": take_path, "seed": take_seed} for take_path, take_seed in takes]
     return answer

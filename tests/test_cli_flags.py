@@ -109,3 +109,13 @@ def test_bare_acestep_prints_the_help(capsys) -> None:
     assert cli.main([]) == 2
     err = capsys.readouterr().err
     assert "ACE-Step v1.5" in err and "install-service" in err and "error:" not in err
+
+
+@pytest.mark.parametrize("subcommand", ["generate", "request"])
+def test_lora_flag_repeats_with_a_scale_each(subcommand: str, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    two = parser().parse_args([subcommand, "-c", "x", "--lora", str(a), "--lora", f"{b}:0.4"])
+    assert cli.request_fields(two)["lora"] == [{"path": str(a)}, {"path": str(b), "scale": 0.4}]
+    one = parser().parse_args([subcommand, "-c", "x", "--lora", str(a), "--lora-scale", "0.3"])
+    fields = cli.request_fields(one)
+    assert (fields["lora"], fields["lora_scale"]) == (str(a), 0.3)

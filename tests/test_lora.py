@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from acestep_daemon.adapters import AdapterCache, read_adapter
 from acestep_daemon.errors import InvalidRequest
 from acestep_daemon.model import AceStepModel
-from acestep_daemon.model.lora import lora_applied
+from acestep_daemon.model.lora import adapters_applied
 from acestep_daemon.tiny import dit_config, make_tiny_lora
 
 
@@ -54,7 +55,7 @@ def inputs() -> tuple[torch.Tensor, ...]:
 def velocity(model: AceStepModel, inputs: tuple, adapter=None, scale: float = 1.0):
     if adapter is None:
         return model.decoder(*inputs)
-    with lora_applied(model, adapter, scale):
+    with adapters_applied(model, [(adapter, scale)]):
         return model.decoder(*inputs)
 
 
@@ -143,3 +144,104 @@ def test_broken_adapters_are_invalid_requests(
     path = tmp_path / "nowhere" if problem == "missing" else folder
     with pytest.raises(InvalidRequest):
         AdapterCache().get(path, model)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "adapters"
+"""`lokr_weights.safetensors`: `make_tiny_lokr(..., dit_config("turbo"))`, every factor random.
+`lokr_merged_0.5.safetensors`: layer 0's effective projection weights with it loaded the way
+upstream loads LoKr (`lifecycle._load_lokr_adapter`: LyCORIS 4.1.3 `create_lycoris` from the
+file's `lokr_config`, `apply_to`, `load_weights`) at multiplier 0.5, read off LyCORIS's forward
+on an identity input, over `tiny_model()`'s weights, fp32."""
+
+
+def effective_weights(model: AceStepModel, adapter, scale: float, names) -> dict:
+    """Each projection's [out, in] weight as its forward sees it: the forward of an identity."""
+    modules = dict(model.named_modules())
+    out = {}
+    with torch.no_grad(), adapters_applied(model, [(adapter, scale)]):
+        for name in names:
+            module = modules["decoder." + name.removesuffix(".weight")]
+            bias = 0.0 if module.bias is None else module.bias
+            out[name] = (module(torch.eye(module.in_features)) - bias).T
+    return out
+
+
+def test_lokr_equals_lycoris_bit_for_bit(model: AceStepModel) -> None:
+    adapter = AdapterCache().get(FIXTURES, model)
+    reference = load_file(FIXTURES / "lokr_merged_0.5.safetensors")
+    ours = effective_weights(model, adapter, 0.5, reference)
+    for name, weight in reference.items():
+        assert torch.equal(ours[name], weight), name
+
+
+@pytest.mark.parametrize("mistake", ["alpha_ignored", "scale_twice", "factors_swapped"])
+def test_lokr_fixture_catches_porting_mistakes(model: AceStepModel, mistake: str) -> None:
+    """LyCORIS's own `get_diff_weight` applies the scale twice; alpha / dim is easy to drop."""
+    adapter = AdapterCache().get(FIXTURES, model)
+    wrong = {
+        name: {
+            "alpha_ignored": lambda u: dataclasses.replace(u, scaling=1.0),
+            "scale_twice": lambda u: dataclasses.replace(u, scaling=u.scaling**2),
+            "factors_swapped": lambda u: dataclasses.replace(u, w1=u.w1.T, w2=u.w2.T),
+        }[mistake](update)
+        for name, update in adapter.items()
+    }
+    reference = load_file(FIXTURES / "lokr_merged_0.5.safetensors")
+    square = [n for n, w in reference.items() if w.shape[0] == w.shape[1]]
+    ours = effective_weights(model, wrong, 0.5, square)
+    assert not any(torch.equal(ours[n], reference[n]) for n in square)
+
+
+def test_lokr_file_alone_and_its_folder_are_the_same_adapter(model: AceStepModel) -> None:
+    from_file = read_adapter(FIXTURES / "lokr_weights.safetensors")
+    assert set(from_file) == set(read_adapter(FIXTURES))
+    assert next(iter(from_file.values())).scaling == 1.5  # linear_alpha 3 / linear_dim 2
+
+
+def test_two_adapters_add_their_updates(model: AceStepModel, peft_folder: Path, inputs) -> None:
+    lora, lokr = AdapterCache().get(peft_folder, model), AdapterCache().get(FIXTURES, model)
+    base = velocity(model, inputs)
+    with torch.no_grad(), adapters_applied(model, [(lora, 0.5), (lokr, 0.0)]):
+        lora_alone = model.decoder(*inputs)
+    assert torch.equal(lora_alone, velocity(model, inputs, lora, 0.5))
+    with torch.no_grad(), adapters_applied(model, [(lora, 0.5), (lokr, 0.5)]):
+        both = model.decoder(*inputs)
+    assert (both - lora_alone).abs().max() > 1e-2 * base.abs().max()
+
+
+def test_cache_keeps_the_most_recently_used(model: AceStepModel, tmp_path: Path) -> None:
+    folders = [make_tiny_lora(tmp_path / str(i), dit_config("turbo"), seed=i) for i in range(3)]
+    cache = AdapterCache(capacity=2)
+    first = cache.get(folders[0], model)
+    cache.get(folders[1], model)
+    assert cache.get(folders[0], model) is first  # used again: now the most recent
+    cache.get(folders[2], model)  # drops folders[1]
+    assert cache.get(folders[0], model) is first
+    assert len(cache._adapters) == 2
+
+
+def test_lora_equals_peft_merge_bit_for_bit(model: AceStepModel, peft_folder: Path) -> None:
+    """`lora_merged_0.5`: upstream's load (`PeftModel.from_pretrained` on the decoder) of
+    `make_tiny_lora(..., dit_config("turbo"))`, its `set_lora_scale(0.5)`, `merge_and_unload`."""
+    adapter = AdapterCache().get(peft_folder, model)
+    reference = load_file(FIXTURES / "lora_merged_0.5.safetensors")
+    ours = effective_weights(model, adapter, 0.5, reference)
+    for name, weight in reference.items():
+        assert torch.equal(ours[name], weight), name
+
+
+@pytest.mark.parametrize("mistake", ["alpha_ignored", "transposed_pair"])
+def test_lora_fixture_catches_porting_mistakes(
+    model: AceStepModel, peft_folder: Path, mistake: str
+) -> None:
+    adapter = AdapterCache().get(peft_folder, model)
+    wrong = {
+        name: dataclasses.replace(u, scaling=1.0)
+        if mistake == "alpha_ignored"
+        else dataclasses.replace(u, down=u.up.T, up=u.down.T)
+        for name, u in adapter.items()
+    }
+    reference = load_file(FIXTURES / "lora_merged_0.5.safetensors")
+    square = [n for n, w in reference.items() if w.shape[0] == w.shape[1]]
+    ours = effective_weights(model, wrong, 0.5, square)
+    assert not any(torch.equal(ours[n], reference[n]) for n in square)

@@ -1,14 +1,17 @@
-"""LoRA: low-rank updates added to the outputs of the decoder's linear projections.
+"""Adapters: updates added to the outputs of the decoder's linear projections.
 
-An adapter maps module paths (`decoder.layers.3.self_attn.q_proj`) to a pair down [r, in],
-up [out, r] and a scaling (alpha / r). While applied, the projection returns
-W·x + b + (up · down · x)·scaling·scale, the forward of an unmerged PEFT LoRA layer; nothing
-is merged into the weights, so removing it restores the base model exactly.
+An adapter maps module paths (`decoder.layers.3.self_attn.q_proj`) to an update:
+- `LoraUpdate`: down [r, in], up [out, r] and a scaling (alpha / r); the projection returns
+  W·x + b + (up · down · x)·scaling·scale, the forward of an unmerged PEFT LoRA layer.
+- `LokrUpdate`: LyCORIS's Kronecker factors w1 [a, b], w2 [c, d] with a·c = out, b·d = in;
+  the projection returns W·x + b + (kron(w1, w2) · x)·scaling·scale, the forward of LyCORIS's
+  LoKr module (`LokrModule._rebuild_forward`) at multiplier `scale`.
+Nothing is merged into the weights, so removing the adapters restores the base model exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,8 +32,32 @@ class LoraUpdate:
         return LoraUpdate(self.down.to(device, dtype), self.up.to(device, dtype), self.scaling)
 
 
-LoraAdapter = dict[str, LoraUpdate]
+@dataclass(frozen=True)
+class LokrUpdate:
+    """One projection's Kronecker update: w1 [a, b], w2 [c, d], scaling alpha / dim."""
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    scaling: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The [out, in] shape of kron(w1, w2)."""
+        return (self.w1.shape[0] * self.w2.shape[0], self.w1.shape[1] * self.w2.shape[1])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LokrUpdate:
+        return LokrUpdate(self.w1.to(device, dtype), self.w2.to(device, dtype), self.scaling)
+
+
+Update = LoraUpdate | LokrUpdate
+
+LoraAdapter = dict[str, Update]
 """Module path in `AceStepModel` -> its update."""
+
+
+def adapter_kind(adapter: LoraAdapter) -> str:
+    """ "lokr" or "lora", as the adapter's updates are."""
+    return "lokr" if any(isinstance(u, LokrUpdate) for u in adapter.values()) else "lora"
 
 
 def adapter_mismatch(model: nn.Module, adapter: LoraAdapter) -> str | None:
@@ -40,26 +67,37 @@ def adapter_mismatch(model: nn.Module, adapter: LoraAdapter) -> str | None:
         module = modules.get(name)
         if not isinstance(module, nn.Linear):
             return f"the model has no linear projection {name}"
-        rank = update.down.shape[0]
-        expected_down, expected_up = (rank, module.in_features), (module.out_features, rank)
-        if tuple(update.down.shape) != expected_down or tuple(update.up.shape) != expected_up:
+        if isinstance(update, LokrUpdate):
+            fits = update.shape == (module.out_features, module.in_features)
+            shapes = f"{tuple(update.w1.shape)} ⊗ {tuple(update.w2.shape)}"
+        else:
+            rank = update.down.shape[0]
+            fits = tuple(update.down.shape) == (rank, module.in_features) and tuple(
+                update.up.shape
+            ) == (module.out_features, rank)
+            shapes = f"{tuple(update.down.shape)}, {tuple(update.up.shape)}"
+        if not fits:
             return (
-                f"{name}: adapter shapes {tuple(update.down.shape)}, {tuple(update.up.shape)} "
+                f"{name}: adapter shapes {shapes} "
                 f"do not fit the projection {module.in_features} -> {module.out_features}"
             )
     return None
 
 
 @contextmanager
-def lora_applied(model: nn.Module, adapter: LoraAdapter, scale: float) -> Iterator[None]:
-    """Add `adapter` at `scale` to the model's projections for the duration of the block.
+def adapters_applied(
+    model: nn.Module, adapters: Sequence[tuple[LoraAdapter, float]]
+) -> Iterator[None]:
+    """Add each adapter at its scale to the model's projections for the duration of the block.
 
-    Scale 0 adds nothing at all. The adapter must fit (`adapter_mismatch`) and live on the
-    model's device in its dtype (`LoraUpdate.to`).
+    The updates of several adapters on one projection add up. Scale 0 adds nothing at all.
+    Each adapter must fit (`adapter_mismatch`) and live on the model's device in its dtype.
     """
     modules = dict(model.named_modules())
     handles = []
-    if scale != 0.0:
+    for adapter, scale in adapters:
+        if scale == 0.0:
+            continue
         for name, update in adapter.items():
             handles.append(modules[name].register_forward_hook(_hook(update, scale)))
     try:
@@ -72,8 +110,17 @@ def lora_applied(model: nn.Module, adapter: LoraAdapter, scale: float) -> Iterat
 Hook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
 
 
-def _hook(update: LoraUpdate, scale: float) -> Hook:
+def _hook(update: Update, scale: float) -> Hook:
     """A forward hook adding the update, [..., in] -> [..., out], to the projection's output."""
+    if isinstance(update, LokrUpdate):
+        delta = torch.kron(update.w1, update.w2) * update.scaling * scale  # [out, in]
+
+        def add_kron(
+            _: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> torch.Tensor:
+            return output + F.linear(inputs[0], delta)
+
+        return add_kron
     factor = update.scaling * scale
 
     def add_update(

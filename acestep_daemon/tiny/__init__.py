@@ -2,7 +2,7 @@
 
 from .cache import cached_tiny_checkpoint
 from .checkpoint import LATENT_CHANNELS, VARIANTS, dit_config, dit_folder, make_tiny_checkpoint
-from .lora import make_tiny_lora
+from .lora import make_tiny_lokr, make_tiny_lora
 
 __all__ = [
     "LATENT_CHANNELS",
@@ -11,5 +11,6 @@ __all__ = [
     "dit_config",
     "dit_folder",
     "make_tiny_checkpoint",
+    "make_tiny_lokr",
     "make_tiny_lora",
 ]

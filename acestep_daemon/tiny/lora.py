@@ -1,4 +1,5 @@
-"""A tiny random LoRA adapter for a tiny checkpoint, as a PEFT folder or a single file.
+"""Tiny random adapters for a tiny checkpoint: LoRA (a PEFT folder or a single file) and
+LyCORIS LoKr (upstream's `lokr_weights.safetensors`).
 
 Upstream trains rank-8 PEFT adapters (alpha 16) on the decoder's attention projections
 (`q_proj`, `k_proj`, `v_proj`, `o_proj` of every self- and cross-attention); this writes the
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from acestep_daemon.adapters import PEFT_CONFIG, PEFT_WEIGHTS
+from acestep_daemon.adapters import LOKR_METADATA, LOKR_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
 from acestep_daemon.model import AceStepConfig
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -80,3 +81,59 @@ def make_tiny_lora(
     }
     (dest / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     return dest
+
+
+def _factorization(dim: int) -> tuple[int, int]:
+    """LyCORIS's split at factor -1: m <= n, m · n = dim, m the divisor nearest √dim."""
+    m = max(d for d in range(1, int(dim**0.5) + 1) if dim % d == 0)
+    return m, dim // m
+
+
+def make_tiny_lokr(
+    dest: Path, config: dict, *, dim: int = 2, alpha: float = 3.0, seed: int = 0
+) -> Path:
+    """Write a LoKr adapter for the DiT of `config` into the folder `dest` and return the file.
+
+    The layout LyCORIS gives upstream's LoKRConfig at linear_dim `dim` on these sizes: w1
+    [out_l, in_m] whole, w2 as the low-rank pair w2_a [out_k, dim] @ w2_b [dim, in_n], an
+    `alpha` scalar per module, the config in the `lokr_config` metadata. Every factor is random.
+    """
+    arch = AceStepConfig.from_dict(config)
+    q_width = arch.num_attention_heads * arch.head_dim
+    kv_width = arch.num_key_value_heads * arch.head_dim
+    hidden = arch.hidden_size
+    shapes = {
+        "q_proj": (hidden, q_width),
+        "k_proj": (hidden, kv_width),
+        "v_proj": (hidden, kv_width),
+        "o_proj": (q_width, hidden),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(arch.num_hidden_layers):
+        for attention in ("self_attn", "cross_attn"):
+            for target in TARGET_MODULES:
+                (in_m, in_n), (out_l, out_k) = map(_factorization, shapes[target])
+                name = f"lycoris_layers_{layer}_{attention}_{target}"
+                tensors[f"{name}.lokr_w1"] = torch.randn(out_l, in_m, generator=generator)
+                tensors[f"{name}.lokr_w2_a"] = torch.randn(out_k, dim, generator=generator)
+                tensors[f"{name}.lokr_w2_b"] = torch.randn(dim, in_n, generator=generator) / in_n
+                tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    lokr_config = {
+        "linear_dim": dim,
+        "linear_alpha": alpha,
+        "factor": -1,
+        "decompose_both": False,
+        "use_tucker": False,
+        "use_scalar": False,
+        "weight_decompose": False,
+        "target_modules": list(TARGET_MODULES),
+        "full_matrix": False,
+        "bypass_mode": False,
+        "rs_lora": False,
+        "unbalanced_factorization": False,
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    file = dest / LOKR_WEIGHTS
+    save_file(tensors, str(file), metadata={LOKR_METADATA: json.dumps(lokr_config)})
+    return file
