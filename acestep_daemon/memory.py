@@ -94,6 +94,7 @@ class Run:
             vae_chunk_frames=self.vae_chunk_frames,
             notes=self.audio.notes,
             thinking=self.audio.thinking,
+            dcw=self.audio.dcw,
             takes=[(str(take), seed) for take, seed in takes],
         )
 

@@ -19,6 +19,7 @@ out-of-memory policy can retry one stage:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -114,6 +115,8 @@ class Audio:
     thinking: dict[str, Any] | None = None  # what the planner did (mode, inferred, codes)
     notes: list[str] = field(default_factory=list)
     """What the request asked for that was changed or cut, in words (shift snapped, text cut)."""
+    dcw: dict[str, Any] | None = None
+    """The wavelet correction the diffusion ran (mode, scaler, high_scaler); None: off."""
 
     @property
     def samples(self) -> torch.Tensor:
@@ -153,6 +156,7 @@ class Conditioning:
     timings: dict[str, float] = field(default_factory=dict)
     planned: Planned | None = None
     notes: list[str] = field(default_factory=list)
+    dcw: DcwSettings | None = None  # set by the diffusion stage: the correction it ran
 
     @property
     def frames(self) -> int:
@@ -715,6 +719,7 @@ class Pipeline:
         if params.lora_scale is not None:
             scale = params.lora_scale
         shift = params.shift if params.shift is not None else spec.shift
+        cond.dcw = dcw_settings(params, spec)
         inputs = (self.model, cond.noise, cond.encoder_hidden, cond.context)
         with lora_applied(self.model, adapter, scale):
             if not spec.guided:
@@ -722,7 +727,7 @@ class Pipeline:
                     *inputs,
                     shift,
                     steps=params.steps,
-                    dcw=dcw_settings(params, spec),
+                    dcw=cond.dcw,
                     repaint=cond.repaint,
                     on_step=on_step,
                 )
@@ -735,7 +740,7 @@ class Pipeline:
                     method=params.guidance or "apg",
                     interval=tuple(params.guidance_interval or (0.0, 1.0)),
                     timesteps=params.timesteps,
-                    dcw=dcw_settings(params, spec),
+                    dcw=cond.dcw,
                     repaint=cond.repaint,
                     on_step=on_step,
                 )
@@ -790,4 +795,5 @@ class Pipeline:
             timings=dict(cond.timings),
             thinking=None if cond.planned is None else cond.planned.report(),
             notes=list(cond.notes),
+            dcw=None if cond.dcw is None else dataclasses.asdict(cond.dcw),
         )

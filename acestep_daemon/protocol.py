@@ -133,6 +133,7 @@ def success_answer(
     oom_retries: int,
     vae_chunk_frames: int,
     notes: list[str],
+    dcw: dict[str, Any] | None = None,
     thinking: dict[str, Any] | None = None,
     takes: list[tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def success_answer(
     The ace-step-rs success fields come first, then ours. `dtype` may carry torch's
     `torch.` prefix (`str(torch.bfloat16)`); the answer names it without. `thinking` (what
     the planner did) and `takes` ((file, seed) of every take of a `seeds` request) appear
-    only when given.
+    only when given; `dcw` (the wavelet correction the diffusion ran, None when off) always.
     """
     answer = {
         "ok": True,
@@ -157,6 +158,7 @@ def success_answer(
         "oom_retries": oom_retries,
         "vae_chunk_frames": vae_chunk_frames,
         "notes": notes,
+        "dcw": dcw,
     }
     if thinking is not None:
         answer["thinking"] = thinking
