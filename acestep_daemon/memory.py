@@ -96,6 +96,7 @@ class Run:
             thinking=self.audio.thinking,
             sampler=self.audio.sampler,
             adapters=self.audio.adapters,
+            dcw=self.audio.dcw,
             takes=[(str(take), seed) for take, seed in takes],
         )
 

@@ -25,6 +25,7 @@ from typing_extensions import Self
 
 from acestep_daemon.constants import MAX_DURATION_S, MIN_DURATION_S
 from acestep_daemon.family import (
+    BASE,
     GUIDED_MAX_STEPS,
     TURBO_MAX_STEPS,
     DcwMode,
@@ -231,7 +232,7 @@ class GenerationParams(StrictModel):
         None,
         min_length=2,
         max_length=GUIDED_MAX_STEPS + 1,
-        description="sft/base only: the timesteps, decreasing from at most 1 to at least 0",
+        description="sft only: the timesteps, decreasing from at most 1 to at least 0",
     )
     dcw: Annotated[bool | None, Flag("--dcw")] = Field(
         None, description="wavelet correction (DCW); default: on for turbo, off for sft/base"
@@ -369,7 +370,8 @@ class GenerationParams(StrictModel):
 
     def model_problem(self, spec: ModelSpec) -> str | None:
         """Why these parameters do not suit the model `spec` (or None): guidance fields on a
-        guidance-distilled turbo model, more steps than it takes."""
+        guidance-distilled turbo model, custom timesteps on base (upstream's base
+        `generate_audio` takes none), more steps than it takes."""
         if not spec.guided:
             given = [
                 name
@@ -381,6 +383,11 @@ class GenerationParams(StrictModel):
                     f"{', '.join(given)}: model {spec.name} is guidance-distilled and takes no "
                     "guidance; use an sft or base model"
                 )
+        if spec.kind == BASE and self.timesteps is not None:
+            return (
+                f"timesteps: model {spec.name} samples upstream's shifted schedule only; "
+                "use steps and shift, or an sft model"
+            )
         if self.steps is not None and self.steps > spec.max_steps:
             return f"steps: model {spec.name} takes at most {spec.max_steps} steps"
         return None

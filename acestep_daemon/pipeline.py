@@ -20,6 +20,7 @@ out-of-memory policy can retry one stage:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -118,6 +119,8 @@ class Audio:
     """What the request asked for that was changed or cut, in words (shift snapped, text cut)."""
     adapters: list[dict[str, Any]] = field(default_factory=list)
     """The adapters that ran: {path, scale, kind ("lora" or "lokr")} each."""
+    dcw: dict[str, Any] | None = None
+    """The wavelet correction the diffusion ran (mode, scaler, high_scaler); None: off."""
 
     @property
     def samples(self) -> torch.Tensor:
@@ -158,6 +161,7 @@ class Conditioning:
     planned: Planned | None = None
     notes: list[str] = field(default_factory=list)
     adapters: list[dict[str, Any]] = field(default_factory=list)  # what diffusion applied
+    dcw: DcwSettings | None = None  # set by the diffusion stage: the correction it ran
 
     @property
     def frames(self) -> int:
@@ -721,6 +725,7 @@ class Pipeline:
             for (path, scale), (adapter, _) in zip(chosen, adapters, strict=True)
         ]
         shift = params.shift if params.shift is not None else spec.shift
+        cond.dcw = dcw_settings(params, spec)
         inputs = (self.model, cond.noise, cond.encoder_hidden, cond.context)
         sampler = SamplerSettings(
             params.sampler,
@@ -735,7 +740,7 @@ class Pipeline:
                     shift,
                     steps=params.steps,
                     sampler=sampler,
-                    dcw=dcw_settings(params, spec),
+                    dcw=cond.dcw,
                     repaint=cond.repaint,
                     on_step=on_step,
                 )
@@ -749,7 +754,7 @@ class Pipeline:
                     interval=tuple(params.guidance_interval or (0.0, 1.0)),
                     timesteps=params.timesteps,
                     sampler=sampler,
-                    dcw=dcw_settings(params, spec),
+                    dcw=cond.dcw,
                     repaint=cond.repaint,
                     on_step=on_step,
                 )
@@ -806,4 +811,5 @@ class Pipeline:
             sampler=cond.params.sampler,
             notes=list(cond.notes),
             adapters=list(cond.adapters),
+            dcw=None if cond.dcw is None else dataclasses.asdict(cond.dcw),
         )

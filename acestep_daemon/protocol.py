@@ -133,6 +133,7 @@ def success_answer(
     oom_retries: int,
     vae_chunk_frames: int,
     notes: list[str],
+    dcw: dict[str, Any] | None = None,
     thinking: dict[str, Any] | None = None,
     sampler: str = "euler",
     adapters: list[dict[str, Any]] | None = None,
@@ -144,7 +145,8 @@ def success_answer(
     `torch.` prefix (`str(torch.bfloat16)`); the answer names it without. `sampler` is the
     step rule that ran (euler, heun or sde). `thinking` (what the planner did), `adapters`
     ({path, scale, kind} of each adapter that ran) and `takes` ((file, seed) of every take
-    of a `seeds` request) appear only when given.
+    of a `seeds` request) appear only when given;
+    `dcw` (the wavelet correction the diffusion ran, None when off) always.
     """
     answer = {
         "ok": True,
@@ -161,6 +163,7 @@ def success_answer(
         "vae_chunk_frames": vae_chunk_frames,
         "sampler": sampler,
         "notes": notes,
+        "dcw": dcw,
     }
     if thinking is not None:
         answer["thinking"] = thinking

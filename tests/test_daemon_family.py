@@ -122,6 +122,24 @@ def test_sft_takes_guidance_fields(sft: Daemon, tmp_path: Path, fields: dict) ->
     assert answers[-1]["sampler"] == fields.get("sampler", "euler")
 
 
+def test_base_refuses_custom_timesteps_and_answers_report_the_dcw_run(
+    tmp_path: Path, xl_turbo: Daemon
+) -> None:
+    with running(tmp_path, "--model", "tiny-base", *FP32) as base:
+        (refused,) = generate(base, tmp_path, timesteps=[1.0, 0.5, 0.0])
+        assert refused["code"] == "invalid_request"
+        assert "timesteps" in refused["error"] and "steps and shift" in refused["error"]
+        plain = generate(base, tmp_path / "a", steps=2)
+        assert_audio(plain[-1])
+        assert diffusion_steps(plain) == 2 and plain[-1]["dcw"] is None
+        asked = generate(base, tmp_path / "b", steps=2, dcw_mode="low")[-1]
+        assert asked["dcw"] == {"mode": "low", "scaler": 0.05, "high_scaler": 0.02}
+    turbo = generate(xl_turbo, tmp_path / "c", steps=2)[-1]
+    assert turbo["dcw"] == {"mode": "double", "scaler": 0.05, "high_scaler": 0.02}
+    off = generate(xl_turbo, tmp_path / "d", steps=2, dcw=False)[-1]
+    assert off["ok"] is True and off["dcw"] is None
+
+
 def test_lora_request_loads_the_adapter_and_a_mismatched_one_is_refused(
     sft: Daemon, tmp_path: Path
 ) -> None:

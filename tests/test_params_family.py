@@ -66,6 +66,9 @@ def test_good_family_fields_pass(tmp_path: Path) -> None:
         ({"steps": 21}, "turbo", "at most 20"),
         ({"steps": 21, "guidance_scale": 3.0}, "sft", None),
         ({"steps": 8, "dcw": True}, "base", None),
+        ({"timesteps": [1.0, 0.5, 0.0]}, "base", "shifted schedule only"),
+        ({"timesteps": [1.0, 0.5, 0.0]}, "xl-base", "shifted schedule only"),
+        ({"timesteps": [1.0, 0.5, 0.0]}, "sft", None),
     ],
 )
 def test_fields_are_checked_against_the_served_model(

@@ -120,7 +120,7 @@ def test_success_answer_puts_ace_step_rs_fields_first_and_optional_ones_only_whe
     first = ["ok", "path", "duration_s", "sample_rate", "channels", "seed", "timings", "device"]
     assert list(single)[:8] == first
     assert single["dtype"] == "bfloat16" and single["timings"] == {"text": 0.1235}
-    assert "thinking" not in single and "takes" not in single
+    assert "thinking" not in single and "takes" not in single and single["dcw"] is None
     takes = [("/o/a-7.wav", 7), ("/o/a-8.wav", 8)]
     thinking = {"mode": "metas", "inferred": {}, "codes": None}
     several = success_answer(
