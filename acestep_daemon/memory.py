@@ -106,7 +106,7 @@ class Run:
 CPU_OOM_MARK = "DefaultCPUAllocator: can't allocate memory"
 """How torch's CPU allocator words a failed allocation (a plain RuntimeError)."""
 
-ADVICE = "try a shorter duration_s, fewer seeds, or a smaller model (or --quantize int8)"
+ADVICE = "try a shorter duration_s, fewer seeds, or a smaller model"
 
 
 def is_out_of_memory(error: BaseException) -> bool:
