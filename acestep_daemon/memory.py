@@ -9,8 +9,12 @@ to a floor. The planner (5 Hz LM) that still runs out of memory runs on the CPU 
 this request while the DiT stays home. When that is not enough, run this one request
 on the CPU, in the CPU's default dtype (`pipeline.default_dtype`: bf16 where the CPU
 multiplies bf16 natively, else fp32), keeping a plan made at home, and move the
-pipeline back home afterwards. `run` returns where and how the request ran; nothing here knows
-about queues, sockets or files.
+pipeline back home afterwards.
+
+A pipeline whose home is the CPU has nowhere to fall back to and no cache to free: its
+request runs once, and running out of RAM answers `OutOfMemory` at once, saying how much
+RAM was free and what to ask for instead. `run` returns where and how the request ran;
+nothing here knows about queues, sockets or files.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +106,20 @@ class Run:
         )
 
 
-def available_bytes(device: torch.device) -> int:
-    """Memory a request may still use on `device`: free GPU memory, or available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+CPU_OOM_MARK = "DefaultCPUAllocator: can't allocate memory"
+"""How torch's CPU allocator words a failed allocation (a plain RuntimeError)."""
+
+ADVICE = "try a shorter duration_s, fewer seeds, or a smaller model"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is running out of memory: on a GPU, or in the CPU's allocator."""
+    return isinstance(error, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(error, RuntimeError) and CPU_OOM_MARK in str(error)
+    )
+
+
+def _meminfo_available() -> int:
     try:
         with open("/proc/meminfo") as meminfo:  # Linux: counts reclaimable page cache too
             for line in meminfo:
@@ -113,6 +128,39 @@ def available_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _address_space_left() -> int | None:
+    """What the process's address-space limit (`ulimit -v`, RLIMIT_AS) still allows."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return max(0, limit - (int(line.split()[1]) << 10))
+    except OSError:
+        pass
+    return None
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a request may still use on `device`: free GPU memory, or available RAM
+    (within the process's address-space limit, when it has one)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    left = _address_space_left()
+    available = _meminfo_available()
+    return available if left is None else min(available, left)
+
+
+def out_of_ram(error: BaseException) -> OutOfMemory:
+    """The answer to running out of RAM: plainly that, how much was free, what to try."""
+    free_memory()
+    free = available_bytes(torch.device("cpu")) / 2**20
+    logger.warning("out of memory on the CPU (%.0f MiB free): %s", free, error)
+    return OutOfMemory(f"out of memory on the CPU ({free:.0f} MiB of RAM free); {ADVICE}")
 
 
 def free_memory() -> None:
@@ -162,6 +210,8 @@ class MemoryPolicy:
     def run(self, params: GenerationParams, progress: ProgressFn) -> Run:
         """Generate at home if memory allows, else on the CPU; returns where it ran."""
         pipeline = self.pipeline
+        if self.home[0].type == "cpu":
+            return self._result(self._once(params, progress), None)
         if (pipeline.device, pipeline.dtype) == self.home:
             audio = self._at_home(params, progress)
             if audio is not None:
@@ -178,6 +228,20 @@ class MemoryPolicy:
             oom_retries=self.retries,
             vae_chunk_frames=self.chunk,
         )
+
+    def _once(self, params: GenerationParams, progress: ProgressFn) -> Audio:
+        """The stages at a CPU home, once: running out of RAM is the answer."""
+        pipeline = self.pipeline
+        try:
+            cond = pipeline.prepare(params, progress, pipeline.plan(params, progress))
+            self._fits(cond)
+            latents = pipeline.diffuse(cond, progress)
+            return pipeline.decode(cond, latents, progress, vae_chunk_frames=self.chunk)
+        except BaseException as error:
+            if not is_out_of_memory(error):
+                raise
+            oom = error.with_traceback(None)  # frees the failed stage's tensors
+        raise out_of_ram(oom)
 
     def _fits(self, cond: Conditioning) -> bool:
         """Choose the VAE tile from free memory for the latents this request generates;
@@ -279,7 +343,10 @@ class MemoryPolicy:
             cond = pipeline.prepare(params, progress, planned)
             latents = pipeline.diffuse(cond, progress)
             return pipeline.decode(cond, latents, progress, vae_chunk_frames=self.chunk)
-        except torch.OutOfMemoryError as error:
-            raise OutOfMemory(f"out of memory even on the CPU: {error}") from error
+        except BaseException as error:
+            if not is_out_of_memory(error):
+                raise
+            oom = error.with_traceback(None)  # frees the failed stage's tensors
         finally:
             move(self.pipeline, *self.home)
+        raise out_of_ram(oom)
