@@ -13,10 +13,10 @@ from pydantic import ValidationError
 
 from acestep_daemon.checkpoint import resolve_checkpoint
 from acestep_daemon.errors import CheckpointError, InvalidRequest
-from acestep_daemon.params import KEYSCALES, GenerationParams
+from acestep_daemon.params import KEYSCALES, LANGUAGES, GenerationParams
 from acestep_daemon.pipeline import Pipeline
 from acestep_daemon.planner.hints import codes_to_hints
-from acestep_daemon.planner.metas import LANGUAGES, TIME_SIGNATURES
+from acestep_daemon.planner.metas import TIME_SIGNATURES
 
 CHANNELS = 8  # latent width of the tiny checkpoint
 
