@@ -139,6 +139,8 @@ def exchange(
     timeout); KeyboardInterrupt passes through after the socket is closed.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    if "command" not in request:  # a client that gives up cancels its job
+        request = {"on_hangup": "cancel", **request}
     line = json.dumps(request, ensure_ascii=False).encode() + b"\n"
     with _connect(path, timeout) as sock:
         try:

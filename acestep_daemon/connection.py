@@ -2,8 +2,12 @@
 
 A caller that half-closes (socat, the ace-step-rs client) is still waiting for
 its answer; only a peer that can no longer receive (EPOLLHUP/EPOLLERR on the
-socket, EPIPE on a write) has hung up, and that cancels its job. Errors from
-below are turned into wire answers here and nowhere else.
+socket, EPIPE on a write) has hung up. A hang-up cancels the job when the request
+says `on_hangup: "cancel"` (the default without `output`); otherwise the job
+finishes and writes its file (socat without `-t` closes 0.5 s after its input
+ends). Relative paths are resolved against the peer's working directory
+(SO_PEERCRED pid, /proc/PID/cwd). Errors from below are turned into wire answers
+here and nowhere else.
 """
 
 from __future__ import annotations
@@ -61,6 +65,16 @@ def wire_error(error: BaseException) -> dict[str, Any]:
     if isinstance(error, AceStepError | OSError):
         return protocol.error_answer(f"generation failed: {error}", "internal")
     return protocol.error_answer(f"internal error: {type(error).__name__}: {error}", "internal")
+
+
+def peer_cwd(pid: int) -> str | None:
+    """The peer's working directory, or None when it cannot be read (another user's
+    process, another mount namespace, a deleted folder)."""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+    return cwd if os.path.isabs(cwd) and os.path.isdir(cwd) else None
 
 
 def output_path(request: protocol.GenerateRequest) -> Path:
@@ -155,9 +169,12 @@ class Connection:
             if uid not in self.allow_uids and gid not in self.options.allow_gids:
                 logger.warning("refused a request from pid %d uid %d gid %d", pid, uid, gid)
                 raise protocol.ProtocolError(f"uid {uid} may not use this daemon")
-            request = protocol.parse_request(line)
+            request = protocol.parse_request(line, cwd=peer_cwd(pid))
         except protocol.ProtocolError as error:
             logger.info("request rejected: %s", error)
+            self.manager.count_rejected()
+            if isinstance(error, protocol.IncompleteLine):
+                await self._discard_rest()
             return wire_error(error)
         if isinstance(request, protocol.CommandRequest):
             return await self._command(request.command)
@@ -188,8 +205,17 @@ class Connection:
         with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
             await asyncio.wait_for(discard(), self.options.read_timeout_s)
 
+    async def _discard_rest(self, idle_s: float = 0.5) -> None:
+        """Swallow the other lines of a request spread over several (until the caller's
+        end of input or `idle_s` of silence), so that closing does not reset the caller."""
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            while await asyncio.wait_for(self.reader.read(1 << 16), idle_s):
+                pass
+
     async def _command(self, name: str) -> dict[str, Any]:
         if name == "ping":
+            if self.manager.stopping:
+                return wire_error(ShuttingDown("the daemon is shutting down"))
             return {"ok": True, "message": "pong"}
         if name == "status":
             return {"ok": True, **self.manager.status()}
@@ -213,6 +239,8 @@ class Connection:
                 raise InvalidRequest(problem)
             handle = self.manager.submit(Job(params, output_path(request)))
         except AceStepError as error:
+            if isinstance(error, InvalidRequest):
+                self.manager.count_rejected()
             _log_request(request, error)
             return wire_error(error)
         events = _Events(handle, asyncio.get_running_loop(), progress=request.progress)
@@ -228,19 +256,23 @@ class Connection:
                     await self._send(protocol.progress_line(*progress))
                 except ConnectionError:
                     events.hangup()
-            if events.hung_up:
+            if events.hung_up and request.hangup_policy == "cancel":
                 self.manager.cancel(handle, Cancelled("the client hung up"))
                 logger.info("client hung up; request cancelled (%s)", _abbreviate(request.caption))
                 return None
         finally:
             self.watcher.unwatch(fd)
-        outcome = events.outcome()
+        if events.hung_up:
+            logger.info("client hung up; request goes on (%s)", _abbreviate(request.caption))
+        outcome = await events.outcome()
         _log_request(request, outcome)
         counts = self.manager.counters
         sdnotify.notify(
             f"STATUS={counts.generated} generated, {counts.failed} failed, "
             f"{self.manager.queue_depth} waiting"
         )
+        if events.hung_up:
+            return None  # nobody to answer; the journal line above tells what happened
         if isinstance(outcome, JobResult):
             return success(outcome)
         return wire_error(outcome)
@@ -280,8 +312,10 @@ class _Events:
             return None
         return await self._inbox.get()
 
-    def outcome(self) -> JobResult | BaseException:
+    async def outcome(self) -> JobResult | BaseException:
+        """The job's result or error, once it has ended."""
         future: Future[JobResult] = self._handle.result
+        await asyncio.wait([asyncio.wrap_future(future)])
         error = future.exception()
         return error if error is not None else future.result()
 

@@ -23,7 +23,7 @@ import torch
 
 from acestep_daemon import __version__
 from acestep_daemon.audio import write_audio
-from acestep_daemon.errors import AceStepError, Cancelled
+from acestep_daemon.errors import AceStepError, Cancelled, InvalidRequest
 from acestep_daemon.memory import FatalWorkerError, MemoryPolicy, Run, free_memory, move
 from acestep_daemon.options import QUEUE_LIMIT
 from acestep_daemon.params import GenerationParams
@@ -116,8 +116,12 @@ class _Control:
 
 @dataclass
 class Counters:
+    """Requests by outcome: `rejected` were invalid (answered `invalid_request`, before
+    or after queueing); `failed` were valid and still failed."""
+
     generated: int = 0
     failed: int = 0
+    rejected: int = 0
     cancelled: int = 0
     oom_retries: int = 0
     cpu_fallbacks: int = 0
@@ -199,6 +203,17 @@ class GenerationManager:
             self._controls.append(_Control(name, on_done))
             self._cond.notify()
 
+    def count_rejected(self) -> None:
+        """An invalid request, refused before it reached the queue."""
+        with self._cond:
+            self.counters.rejected += 1
+
+    @property
+    def stopping(self) -> bool:
+        """True once shutdown began: no new work is taken."""
+        with self._cond:
+            return self._stopping
+
     def status(self) -> dict[str, Any]:
         """A snapshot for the `status` command."""
         with self._cond:
@@ -206,6 +221,7 @@ class GenerationManager:
             home = self._home
             depth = len(self._jobs)
             busy = self._running is not None
+            stopping = self._stopping
         free_vram = None
         if home is not None and home[0].type == "cuda":
             free_vram = torch.cuda.mem_get_info(home[0])[0]
@@ -217,6 +233,7 @@ class GenerationManager:
             "queue_depth": depth,
             "queue_limit": self.queue_limit,
             "busy": busy,
+            "stopping": stopping,
             "uptime_s": round(time.monotonic() - self._started, 1),
             "free_vram_bytes": free_vram,
             "model": self._model,
@@ -384,6 +401,9 @@ class GenerationManager:
             raise
         except Cancelled as error:
             self.counters.cancelled += 1
+            handle._finish(error)
+        except InvalidRequest as error:
+            self.counters.rejected += 1
             handle._finish(error)
         except BaseException as error:
             self.counters.failed += 1

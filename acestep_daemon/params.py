@@ -20,7 +20,14 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from typing_extensions import Self
 
 from acestep_daemon.constants import MAX_DURATION_S, MIN_DURATION_S
@@ -51,6 +58,17 @@ _ACCIDENTALS = ("", "#", "b", "♯", "♭")
 _MODES = ("major", "minor")
 KEYSCALES = tuple(f"{n}{a} {m}" for n in _NOTES for a in _ACCIDENTALS for m in _MODES)
 """The 70 keys the model was trained on: note, optional accidental (ASCII or Unicode), mode."""
+
+LANGUAGES = (
+    "ar", "az", "bg", "bn", "ca", "cs", "da", "de", "el", "en",
+    "es", "fa", "fi", "fr", "he", "hi", "hr", "ht", "hu", "id",
+    "is", "it", "ja", "ko", "la", "lt", "ms", "ne", "nl", "no",
+    "pa", "pl", "pt", "ro", "ru", "sa", "sk", "sr", "sv", "sw",
+    "ta", "te", "th", "tl", "tr", "uk", "ur", "vi", "yue", "zh",
+    "unknown",
+)  # fmt: skip
+"""Vocal languages of ACE-Step v1.5 (upstream `acestep/constants.py`, `VALID_LANGUAGES`);
+'unknown' when it cannot tell. The `language` field and the planner take these."""
 
 _TIME_SIGNATURE = re.compile(r"^\s*(\d+)\s*(?:/\s*(\d+)\s*)?$")
 _DENOMINATORS = (1, 2, 4, 8, 16, 32)
@@ -90,24 +108,42 @@ def time_signature_numerator(time_signature: str) -> int:
     return numerator
 
 
-def absolute_path(value: str, name: str) -> str:
-    """Absolute paths only: the daemon's working directory means nothing to a caller."""
+def time_signature_field(numerator: int) -> str:
+    """The request field's form of a beat count: 6 → "6/8", any other N → "N/4"."""
+    return f"{numerator}/8" if numerator == 6 else f"{numerator}/4"
+
+
+CWD = "cwd"
+"""Validation-context key: the caller's working directory, which relative paths are
+resolved against (the daemon reads it from the peer, /proc/PID/cwd)."""
+
+
+def absolute_path(value: str, name: str, cwd: str | None = None) -> str:
+    """An absolute path; a relative one is resolved against `cwd`, the caller's working
+    directory (the daemon's own means nothing to a caller), and refused without it."""
     path = PurePosixPath(value)
     if "\0" in value or not value.strip():
         raise ValueError(f"{name} is not a usable path")
     if not path.is_absolute():
-        raise ValueError(f"{name} must be an absolute path, got {value!r}")
+        if cwd is None:
+            raise ValueError(
+                f"{name} must be an absolute path, got {value!r} (the caller's working "
+                f'directory is unknown here; send e.g. "$PWD/{value}")'
+            )
+        return os.path.normpath(os.path.join(cwd, value))
     if ".." in path.parts:
         raise ValueError(f"{name} must not contain '..'")
     return str(path)
 
 
-def _absolute_path_value(value: Any, name: str) -> Any:
-    """A path field's raw value: a `pathlib.Path` or string as its absolute string; anything
-    else unchanged, so that the strict type check names the field."""
+def path_value(value: Any, name: str, context: Any) -> Any:
+    """A path field's raw value: a `pathlib.Path` or string as its absolute string
+    (resolved against the validation context's `cwd`); anything else unchanged, so that
+    the strict type check names the field."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    return absolute_path(value, name) if isinstance(value, str) else value
+    cwd = context.get(CWD) if isinstance(context, dict) else None
+    return absolute_path(value, name, cwd) if isinstance(value, str) else value
 
 
 class StrictModel(BaseModel):
@@ -116,9 +152,10 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
 
-def _existing_adapter(value: Any) -> Any:
-    """An absolute path to an existing adapter folder or file."""
-    path = _absolute_path_value(value, "lora")
+def _existing_adapter(value: Any, info: ValidationInfo) -> Any:
+    """An existing adapter folder or file, as an absolute path (a relative one is resolved
+    against the validation context's `cwd`)."""
+    path = path_value(value, "lora", info.context)
     if isinstance(path, str) and not os.path.exists(path):
         raise ValueError(f"lora {path} does not exist")
     return path
@@ -298,6 +335,16 @@ class GenerationParams(StrictModel):
             raise ValueError(f'key {value!r}: expected a note and a mode, e.g. "F# minor"')
         return value
 
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        if value not in LANGUAGES:
+            raise ValueError(
+                f"language {value[:16]!r} is not one the model knows; use a code from: "
+                f"{' '.join(LANGUAGES)}"
+            )
+        return value
+
     @field_validator("time_signature")
     @classmethod
     def _time_signature_format(cls, value: str | None) -> str | None:
@@ -309,15 +356,15 @@ class GenerationParams(StrictModel):
     @classmethod
     def _input_file(cls, value: Any, info: Any) -> Any:
         """An absolute path to a readable file (a `pathlib.Path` is taken as its string)."""
-        path = _absolute_path_value(value, info.field_name)
+        path = path_value(value, info.field_name, info.context)
         if isinstance(path, str) and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise ValueError(f"{info.field_name} {path} is not a readable file")
         return path
 
     @field_validator("lora", mode="before")
     @classmethod
-    def _adapter_path(cls, value: Any) -> Any:
-        return value if isinstance(value, list) else _existing_adapter(value)
+    def _adapter_path(cls, value: Any, info: ValidationInfo) -> Any:
+        return value if isinstance(value, list) else _existing_adapter(value, info)
 
     @property
     def adapters(self) -> list[AdapterChoice]:

@@ -57,7 +57,11 @@ from acestep_daemon.model.sampler import (
     snap_shift,
 )
 from acestep_daemon.model.vae import DECODE_CHUNK_FRAMES, OobleckVAE
-from acestep_daemon.params import GenerationParams, time_signature_numerator
+from acestep_daemon.params import (
+    GenerationParams,
+    time_signature_field,
+    time_signature_numerator,
+)
 from acestep_daemon.planner import LMRunner, PlanRequest, make_plan
 from acestep_daemon.planner.hints import codes_to_hints
 from acestep_daemon.planner.plan import PhaseProgress
@@ -285,6 +289,21 @@ def read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
+def _duration_notes(
+    params: GenerationParams, planned: Planned | None, duration_s: float
+) -> list[str]:
+    """Where the output's length came from when it was not the request's `duration_s`:
+    the planner chose it, or the source's length (repaint, cover) overrode it."""
+    if planned is not None and "duration_s" in planned.inferred:
+        return [f"duration {duration_s:g} s chosen by the planner; set duration_s to fix it"]
+    if params.task != "text2music" and "duration_s" in params.model_fields_set:
+        return [
+            f"duration_s {params.duration_s:g} ignored: a {params.task} is as long as its "
+            f"source ({duration_s:.1f} s)"
+        ]
+    return []
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -458,7 +477,7 @@ class Pipeline:
             )
         plan = make_plan(self.planner(), request, params.thinking, phases)
         planned = plan.metas.known() | {"duration": plan.duration_s}
-        planned["timesignature"] = str(planned["timesignature"])
+        planned["timesignature"] = time_signature_field(planned["timesignature"])
         inferred = {REQUEST_FIELD_OF[name]: planned[name] for name in plan.inferred}
         return Planned(
             params=params.replace(**({} if params.seeds else {"seed": seed}), **inferred),
@@ -493,6 +512,7 @@ class Pipeline:
         task = self._task_inputs(params, planned)
         caption_text, lyrics_text = self._prompts(params, task.duration_s)
         notes = self._notes(params, caption_text, lyrics_text)
+        notes += _duration_notes(params, planned, task.duration_s)
         encoder_hidden = self._condition(caption_text, lyrics_text, params, seeds[0])
         context = self.model.build_context(task.src_latents, task.chunk_mask, task.hints)
         frames, channels = task.src_latents.shape[1:]

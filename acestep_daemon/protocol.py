@@ -14,10 +14,10 @@ import math
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from acestep_daemon.constants import AUDIO_CHANNELS, OUTPUT_EXTENSIONS, SAMPLE_RATE
-from acestep_daemon.params import Flag, GenerationParams, StrictModel, absolute_path
+from acestep_daemon.params import CWD, Flag, GenerationParams, StrictModel, path_value
 
 MAX_LINE_BYTES = 1 << 20
 """A request line (without its newline) may be at most 1 MiB."""
@@ -26,6 +26,7 @@ ErrorCode = Literal[
     "invalid_request", "busy", "oom", "cancelled", "io", "internal", "shutting_down"
 ]
 CommandName = Literal["unload", "load", "status", "ping"]
+HangupPolicy = Literal["finish", "cancel"]
 
 _EXTENSIONS = tuple(ext.lstrip(".") for ext in OUTPUT_EXTENSIONS)
 
@@ -38,6 +39,10 @@ class ProtocolError(Exception):
         self.code: ErrorCode = code
 
 
+class IncompleteLine(ProtocolError):
+    """The line ended inside the JSON: a request spread over several lines."""
+
+
 class GenerateRequest(GenerationParams):
     """A generation request: the generation's parameters plus where and how to answer."""
 
@@ -47,13 +52,28 @@ class GenerateRequest(GenerationParams):
     progress: Annotated[bool, Flag("--progress")] = Field(
         False, description="also send progress lines before the answer"
     )
+    on_hangup: HangupPolicy | None = Field(
+        None,
+        description="a client that closes before its answer: finish (write the file anyway) "
+        "or cancel its job; default finish when output is named, else cancel",
+    )
 
-    @field_validator("output")
+    @property
+    def hangup_policy(self) -> HangupPolicy:
+        """What a hang-up does: a named file is still wanted (socat without -t closes
+        0.5 s after sending); a spool file nobody will learn the name of is not."""
+        if self.on_hangup is not None:
+            return self.on_hangup
+        return "finish" if self.output is not None else "cancel"
+
+    @field_validator("output", mode="before")
     @classmethod
-    def _output_path(cls, value: str | None) -> str | None:
+    def _output_path(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return None
-        path = absolute_path(value, "output")
+        path = path_value(value, "output", info.context)
+        if not isinstance(path, str):
+            return path
         suffix = PurePosixPath(path).suffix.lstrip(".").lower()
         if suffix not in _EXTENSIONS:
             raise ValueError(f"output must end in one of {', '.join('.' + e for e in _EXTENSIONS)}")
@@ -93,8 +113,11 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def parse_request(line: bytes) -> GenerateRequest | CommandRequest:
-    """One request line (newline stripped or not) → a validated request, or ProtocolError."""
+def parse_request(line: bytes, cwd: str | None = None) -> GenerateRequest | CommandRequest:
+    """One request line (newline stripped or not) → a validated request, or ProtocolError.
+
+    `cwd`, the caller's working directory, resolves relative paths; without it they are
+    refused."""
     if len(line) > MAX_LINE_BYTES + 1:
         raise ProtocolError(f"request line is longer than {MAX_LINE_BYTES} bytes")
     try:
@@ -105,13 +128,20 @@ def parse_request(line: bytes) -> GenerateRequest | CommandRequest:
         raise ProtocolError("empty request")
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as error:
+        if error.pos >= len(text.rstrip()):  # the line ended inside the JSON
+            raise IncompleteLine(
+                "the request must be ONE line of JSON ending in a newline; this line ends "
+                f"inside the JSON ({error.msg}): put the whole object on one line"
+            ) from None
+        raise ProtocolError(f"invalid JSON request: {error}") from None
     except (ValueError, RecursionError) as error:
         raise ProtocolError(f"invalid JSON request: {error}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("request must be a JSON object")
     model = CommandRequest if "command" in obj else GenerateRequest
     try:
-        return model.model_validate(obj)
+        return model.model_validate(obj, context={CWD: cwd})
     except ValidationError as error:
         raise ProtocolError(describe(error)) from None
 
@@ -191,7 +221,9 @@ def queued_line(position: int) -> dict[str, Any]:
 
 
 def encode(answer: dict[str, Any]) -> bytes:
-    """One answer line; non-finite floats (never expected) become null, never invalid JSON."""
+    """One answer line in UTF-8 (non-ASCII text as is; only a lone surrogate, which UTF-8
+    cannot hold, keeps its JSON `\\uXXXX` escape); non-finite floats (never expected)
+    become null, never invalid JSON."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
@@ -200,4 +232,5 @@ def encode(answer: dict[str, Any]) -> bytes:
             return {k: clean(v) for k, v in value.items()}
         return value
 
-    return json.dumps(clean(answer)).encode() + b"\n"
+    text = json.dumps(clean(answer), ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace") + b"\n"

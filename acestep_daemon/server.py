@@ -4,8 +4,9 @@ asyncio on uvloop. The life of the process reads as named steps:
 `startup` (bind or take over the socket, start the worker, report READY to
 systemd once the pipeline is loaded), `serve` (accept connections until
 SIGTERM/SIGINT or a fatal worker error) and `shutdown` (stop accepting, answer
-queued jobs, give the running one a grace period). A second SIGTERM/SIGINT
-exits at once. What happens on one connection lives in `connection.py`.
+queued jobs, give the running one a grace period; a client arriving meanwhile
+is answered `shutting_down`, not refused as at a stale socket). A second
+SIGTERM/SIGINT exits at once. What happens on one connection lives in `connection.py`.
 """
 
 from __future__ import annotations
@@ -129,12 +130,17 @@ class Server:
             stop.cancel()
 
     async def shutdown(self) -> None:
-        """Stop accepting; queued jobs are answered, the running one gets the grace period."""
+        """Stop taking work; queued jobs are answered, the running one gets the grace period.
+
+        The socket keeps listening until the worker is done, so that a client arriving
+        meanwhile learns that the daemon is shutting down."""
         assert self._loaded is not None and self._listener is not None
         self._loaded.cancel()  # a load still running reports into the void
         sdnotify.notify("STOPPING=1")
-        self._listener.close()
         await self._drain()
+        self._listener.close()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=5.0)
         if self._watcher is not None:
             self._watcher.close()
         if self._owns_path:
@@ -161,8 +167,6 @@ class Server:
             logger.warning("grace period over; stopping the running request")
             self.manager.stop_running()
             await loop.run_in_executor(None, self.manager.join, 10.0)
-        if self._connections:
-            await asyncio.wait(self._connections, timeout=5.0)
 
     async def _watchdog(self) -> None:
         interval = sdnotify.watchdog_interval()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from tests.daemon_harness import REPO, Daemon, ask, running, running_job
+from tests.daemon_harness import REPO, Daemon, ask, running, running_job, send
 
 DURATION_S = 1.0
 
@@ -153,7 +153,8 @@ def test_hangup_while_queued_cancels_job_before_it_runs(daemon: Daemon, tmp_path
         queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         queued.connect(str(daemon.socket))
         hung_up = tmp_path / "hung-up.wav"
-        queued.sendall(json.dumps({"caption": "gone", "output": str(hung_up)}).encode() + b"\n")
+        gone = {"caption": "gone", "output": str(hung_up), "on_hangup": "cancel"}
+        queued.sendall(json.dumps(gone).encode() + b"\n")
         deadline = time.monotonic() + 30
         while daemon.status()["queue_depth"] != 1:
             assert time.monotonic() < deadline
@@ -198,9 +199,9 @@ def test_acestep_request_prints_the_answer(daemon: Daemon, tmp_path: Path):
     assert json.loads(progress.stdout)["ok"] is True
     assert all("progress" in json.loads(line) for line in progress.stderr.splitlines())
     assert progress.stderr
-    refused = acestep("request", "--json", '{"caption": "x", "output": "relative.wav"}', *sock)
+    refused = acestep("request", "--json", '{"caption": "x", "output": "/a/../b.wav"}', *sock)
     assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == "invalid_request"
-    assert "must be an absolute path" in refused.stderr
+    assert "must not contain '..'" in refused.stderr
     bad = acestep("request", "--json", "{oops", *sock)
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -209,6 +210,7 @@ def test_hangup_while_running_cancels_between_steps(daemon: Daemon, tmp_path: Pa
     before = daemon.status()
     output = tmp_path / "abandoned.wav"
     request = {"caption": "abandoned", "duration_s": 60, "progress": True, "output": str(output)}
+    request["on_hangup"] = "cancel"
     with running_job(daemon.socket, request):
         pass  # the job runs; closing the connection hangs up
     deadline = time.monotonic() + 30
@@ -295,3 +297,93 @@ def test_the_journal_line_names_the_duration_generated(daemon: Daemon, tmp_path:
     assert answer["ok"] is True and answer["duration_s"] == pytest.approx(2.0), answer
     line = next(line for line in daemon.stderr().splitlines() if "request 'journal'" in line)
     assert " duration=2s seed=3 " in line
+    assert "duration_s 30 ignored: a cover is as long as its source (2.0 s)" in answer["notes"]
+
+
+def socat(daemon: Daemon, line: str, *args: str, cwd: Path | None = None) -> str:
+    """Pipe one line through socat, as the ace-step-rs one-liner does; its stdout."""
+    if shutil.which("socat") is None:
+        if os.environ.get("CI"):
+            pytest.fail("socat is not installed (.ci/run installs it)")
+        pytest.skip("socat is not installed")
+    return subprocess.run(
+        ["socat", *args, "-", f"UNIX-CONNECT:{daemon.socket}"],
+        input=line + "\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+        cwd=cwd,
+    ).stdout
+
+
+def wait_for_log(daemon: Daemon, text: str, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lines := [line for line in daemon.stderr().splitlines() if text in line]:
+            return lines[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no log line with {text!r}:\n{daemon.stderr()}")
+
+
+def test_socat_without_t_still_gets_its_file_and_a_relative_output_is_the_callers(
+    daemon: Daemon, tmp_path: Path
+):
+    """The ace-step-rs one-liner: socat closes 0.5 s after its input ends, long before the
+    job is done; a request naming its output finishes anyway (on_hangup "finish"), and a
+    relative output lands in socat's working directory."""
+    line = json.dumps({"caption": "no t", "duration_s": 20, "seed": 5, "output": "music.ogg"})
+    assert socat(daemon, line, cwd=tmp_path) == ""  # gone before the answer
+    output = tmp_path / "music.ogg"
+    logged = wait_for_log(daemon, f"-> {output}")
+    assert "'no t' duration=20s seed=5" in logged
+    assert "client hung up; request goes on ('no t')" in daemon.stderr()
+    assert_complete_audio(output, 20)
+
+
+def test_a_spooled_request_is_cancelled_when_its_client_hangs_up(daemon: Daemon):
+    before = daemon.status()
+    assert socat(daemon, json.dumps({"caption": "spooled, unwanted", "duration_s": 60})) == ""
+    wait_for_log(daemon, "client hung up; request cancelled ('spooled, unwanted')")
+    deadline = time.monotonic() + 60
+    while (status := daemon.status())["busy"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert status["cancelled"] == before["cancelled"] + 1
+    assert status["generated"] == before["generated"]
+
+
+def test_a_request_over_several_lines_is_told_to_send_one_line(daemon: Daemon):
+    pretty = json.dumps({"caption": "x", "duration_s": 1}, indent=2)
+    answers = [json.loads(line) for line in socat(daemon, pretty, "-t", "30").splitlines()]
+    assert len(answers) == 1 and answers[0]["code"] == "invalid_request", answers
+    assert "the request must be ONE line of JSON" in answers[0]["error"]
+
+
+def test_answers_are_utf8_and_name_non_ascii_paths_as_they_are(daemon: Daemon, tmp_path: Path):
+    output = tmp_path / "müsik" / "café ♪.wav"
+    request = {"caption": "ünïcode", "duration_s": DURATION_S, "output": str(output)}
+    (raw,) = send(daemon.socket, json.dumps(request).encode() + b"\n")
+    assert str(output).encode() in raw and b"\\u" not in raw
+    assert json.loads(raw)["path"] == str(output)
+    assert_complete_audio(output, DURATION_S)
+
+
+def test_status_counts_rejected_requests_apart_from_failed_ones(daemon: Daemon, tmp_path: Path):
+    before = daemon.status()
+    blip = tmp_path / "blip.wav"
+    soundfile.write(str(blip), [[0.0, 0.0]] * 100, 48000)  # refused by the worker: too short
+    bad = [
+        b"{oops\n",
+        json.dumps({"caption": "x", "language": "klingon"}).encode() + b"\n",
+        json.dumps({"caption": "x", "task": "cover", "src_audio": str(blip)}).encode() + b"\n",
+    ]
+    for line in bad:
+        (answer,) = [json.loads(a) for a in send(daemon.socket, line)]
+        assert answer["code"] == "invalid_request", answer
+    status = daemon.status()
+    assert status["rejected"] == before["rejected"] + 3
+    assert status["failed"] == before["failed"]
+    language = daemon.ask({"caption": "x", "language": "klingon"})
+    assert "language 'klingon' is not one the model knows" in language["error"]
+    assert " en " in language["error"] and "yue" in language["error"]

@@ -263,6 +263,11 @@ def test_second_signal_exits_at_once_during_the_grace_period(tmp_path: Path, tin
             time.sleep(0.05)
         with pytest.raises(subprocess.TimeoutExpired):
             daemon.proc.wait(0.5)  # the first signal waits for the running job
+        # a client arriving now is told why, not refused as at a stale socket
+        late = ask(daemon.socket, {"caption": "late", "duration_s": 1}, timeout=10)
+        assert [(a["ok"], a["code"]) for a in late] == [(False, "shutting_down")], late
+        assert ask(daemon.socket, {"command": "ping"}, timeout=10)[0]["code"] == "shutting_down"
+        assert ask(daemon.socket, {"command": "status"}, timeout=10)[0]["stopping"] is True
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(10) == 130
     assert "second SIGTERM: exiting now" in daemon.stderr()

@@ -10,7 +10,12 @@ import soundfile as sf
 from pydantic import ValidationError
 
 from acestep_daemon.constants import SAMPLE_RATE
-from acestep_daemon.params import GenerationParams, time_signature_numerator
+from acestep_daemon.params import (
+    CWD,
+    GenerationParams,
+    time_signature_field,
+    time_signature_numerator,
+)
 
 
 @pytest.fixture
@@ -98,3 +103,23 @@ def test_outpainting_and_open_ranges_are_accepted(clip: Path, start, end) -> Non
         caption="x", task="repaint", src_audio=clip, repaint_start_s=start, repaint_end_s=end
     )
     assert (params.repaint_start_s, params.repaint_end_s) == (start, end)
+
+
+def test_language_must_be_one_upstream_knows() -> None:
+    assert GenerationParams(caption="x", language="yue").language == "yue"
+    with pytest.raises(ValidationError, match="language 'klingon' is not one the model knows"):
+        GenerationParams(caption="x", language="klingon")
+
+
+@pytest.mark.parametrize(("numerator", "field"), [(2, "2/4"), (3, "3/4"), (4, "4/4"), (6, "6/8")])
+def test_a_planned_beat_count_is_written_as_the_request_field_takes_it(numerator, field) -> None:
+    assert time_signature_field(numerator) == field
+    assert time_signature_numerator(field) == numerator
+
+
+def test_relative_paths_resolve_against_the_callers_directory(clip: Path) -> None:
+    relative = {"caption": "x", "reference_audio": clip.name}
+    params = GenerationParams.model_validate(relative, context={CWD: str(clip.parent)})
+    assert params.reference_audio == str(clip)
+    with pytest.raises(ValidationError, match=r"must be an absolute path.*\$PWD/"):
+        GenerationParams.model_validate(relative)

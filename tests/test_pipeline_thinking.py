@@ -13,10 +13,10 @@ from pydantic import ValidationError
 
 from acestep_daemon.checkpoint import resolve_checkpoint
 from acestep_daemon.errors import CheckpointError, InvalidRequest
-from acestep_daemon.params import KEYSCALES, GenerationParams
+from acestep_daemon.params import KEYSCALES, LANGUAGES, GenerationParams, time_signature_field
 from acestep_daemon.pipeline import Pipeline
 from acestep_daemon.planner.hints import codes_to_hints
-from acestep_daemon.planner.metas import LANGUAGES, TIME_SIGNATURES
+from acestep_daemon.planner.metas import TIME_SIGNATURES
 
 CHANNELS = 8  # latent width of the tiny checkpoint
 
@@ -51,9 +51,12 @@ def test_metas_fills_only_what_was_left_out_and_reports_it(pipeline: Pipeline) -
         params.caption,
     )
     assert filled.key in KEYSCALES
-    assert int(filled.time_signature) in TIME_SIGNATURES
+    assert filled.time_signature in [time_signature_field(n) for n in TIME_SIGNATURES]
     assert 10 <= filled.duration_s <= 600 and filled.duration_s == planned.inferred["duration_s"]
     assert planned.codes is None
+    notes = pipeline.prepare(params, planned=planned).notes
+    planned_s = f"{filled.duration_s:g}"
+    assert f"duration {planned_s} s chosen by the planner; set duration_s to fix it" in notes
 
 
 def test_a_given_duration_is_never_changed(pipeline: Pipeline) -> None:

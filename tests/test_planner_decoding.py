@@ -11,13 +11,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from acestep_daemon.params import KEYSCALES
+from acestep_daemon.params import KEYSCALES, LANGUAGES
 from acestep_daemon.planner import LMRunner, PlanRequest, SamplingOptions, make_plan
 from acestep_daemon.planner.constraints import CODEBOOK_SIZE
 from acestep_daemon.planner.metas import (
     BPM_RANGE,
     DURATION_RANGE,
-    LANGUAGES,
     TIME_SIGNATURES,
     Metas,
     format_thought,

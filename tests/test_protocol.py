@@ -138,3 +138,36 @@ def test_success_answer_puts_ace_step_rs_fields_first_and_optional_ones_only_whe
 def test_any_bytes_parse_or_raise_protocol_error(data):
     with contextlib.suppress(ProtocolError):
         parse_request(data)
+
+
+def test_a_relative_output_is_resolved_against_the_callers_directory():
+    line = json.dumps({"caption": "x", "output": "sub/../music.ogg"}).encode()
+    assert parse_request(line, cwd="/home/me/songs").output == "/home/me/songs/music.ogg"
+    with pytest.raises(ProtocolError, match=r'output must be an absolute path.*"\$PWD/music.ogg"'):
+        parse_request(json.dumps({"caption": "x", "output": "music.ogg"}).encode())
+
+
+def test_a_request_spread_over_lines_is_told_to_send_one_line():
+    first_line = json.dumps({"caption": "x"}, indent=2).encode().split(b"\n")[0] + b"\n"
+    with pytest.raises(ProtocolError, match="the request must be ONE line of JSON"):
+        parse_request(first_line)
+    with pytest.raises(ProtocolError, match="invalid JSON request"):
+        parse_request(b"{oops}\n")
+
+
+@pytest.mark.parametrize(
+    ("fields", "policy"),
+    [
+        ({"output": "/o/a.ogg"}, "finish"),
+        ({}, "cancel"),
+        ({"output": "/o/a.ogg", "on_hangup": "cancel"}, "cancel"),
+        ({"on_hangup": "finish"}, "finish"),
+    ],
+)
+def test_a_hang_up_finishes_a_named_file_and_cancels_a_spooled_one(fields, policy):
+    assert parse({"caption": "x", **fields}).hangup_policy == policy
+
+
+def test_answers_keep_non_ascii_text_as_utf8():
+    line = encode({"ok": True, "path": "/tmp/café ♪.ogg"})
+    assert "/tmp/café ♪.ogg".encode() in line and b"\\u" not in line

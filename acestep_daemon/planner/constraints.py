@@ -25,9 +25,9 @@ from typing import Protocol
 
 import torch
 
-from acestep_daemon.params import KEYSCALES
+from acestep_daemon.params import KEYSCALES, LANGUAGES
 
-from .metas import BPM_RANGE, DURATION_RANGE, LANGUAGES, TIME_SIGNATURES, Metas
+from .metas import BPM_RANGE, DURATION_RANGE, TIME_SIGNATURES, Metas
 
 CODEBOOK_SIZE = 64_000
 """FSQ codebook of the tokenizer (levels 8·8·8·5·5·5); audio codes 0–63,999."""

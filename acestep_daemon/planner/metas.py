@@ -21,15 +21,6 @@ DURATION_RANGE = (10, 600)
 TIME_SIGNATURES = (2, 3, 4, 6)
 """Beats per bar (2/4, 3/4, 4/4, 6/8), written as the numerator."""
 
-LANGUAGES = (
-    "ar", "az", "bg", "bn", "ca", "cs", "da", "de", "el", "en",
-    "es", "fa", "fi", "fr", "he", "hi", "hr", "ht", "hu", "id",
-    "is", "it", "ja", "ko", "la", "lt", "ms", "ne", "nl", "no",
-    "pa", "pl", "pt", "ro", "ru", "sa", "sk", "sr", "sv", "sw",
-    "ta", "te", "th", "tl", "tr", "uk", "ur", "vi", "yue", "zh",
-    "unknown",
-)  # fmt: skip
-"""Vocal languages the LM may name ('unknown' when it cannot tell)."""
 
 FIELD_ORDER = ("bpm", "caption", "duration", "keyscale", "language", "timesignature")
 """Keys of the thought, in the order they are written (sorted)."""
