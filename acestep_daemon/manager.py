@@ -287,7 +287,8 @@ class _Worker:
         manager = self.manager
         if self.pipeline is None:
             try:
-                pipeline = self._factory()
+                with manager._load_lock:  # building modules (on `meta`) is not thread-safe
+                    pipeline = self._factory()
             except Exception as error:
                 raise FatalWorkerError(f"could not load the pipeline: {error}") from error
             if pipeline.device.type == "cuda":
@@ -377,6 +378,7 @@ class GenerationManager:
         self._idle_unload_s = idle_unload_s
         self._on_fatal: Callable[[BaseException], None] | None = None
         self._cond = threading.Condition()
+        self._load_lock = threading.Lock()
         self._jobs: deque[JobHandle] = deque()
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._stopping = False
