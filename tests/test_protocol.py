@@ -138,3 +138,11 @@ def test_success_answer_puts_ace_step_rs_fields_first_and_optional_ones_only_whe
 def test_any_bytes_parse_or_raise_protocol_error(data):
     with contextlib.suppress(ProtocolError):
         parse_request(data)
+
+
+def test_cancel_needs_an_id_and_only_cancel_takes_one():
+    assert parse({"command": "cancel", "id": "ab12"}) == CommandRequest(command="cancel", id="ab12")
+    assert parse({"command": "jobs"}) == CommandRequest(command="jobs")
+    for bad in ({"command": "cancel"}, {"command": "status", "id": "ab12"}):
+        with pytest.raises(ProtocolError, match="id"):
+            parse(bad)
