@@ -163,7 +163,7 @@ class _Gather:
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One answer from every worker's: the same message; devices and dtypes joined by commas."""
+    """One answer from every worker's: the message; distinct devices, dtypes joined by commas."""
     merged = dict(results[0])
     for key in ("device", "dtype"):
         if key in merged:
@@ -480,7 +480,7 @@ class GenerationManager:
     def status(self) -> dict[str, Any]:
         """A snapshot for the `status` command: the whole daemon, then `workers`, one each.
 
-        `device` and `dtype` are the workers' joined by commas; `loaded` means every worker
+        `device` and `dtype` are the workers' distinct values, joined; `loaded` means every worker
         is, `busy` that one is running a job; `free_vram_bytes` adds up the GPUs served.
         """
         with self._cond:

@@ -160,7 +160,7 @@ def test_queued_job_is_cancelled_at_once_and_ids_are_answered_truthfully(
             assert daemon.ask({"command": "cancel", "id": job_id})["ok"]
 
 
-def test_two_hundred_clients_lose_nothing_and_both_workers_serve(daemon: Daemon, tmp_path: Path):
+def test_two_hundred_clients_lose_nothing(daemon: Daemon, tmp_path: Path):
     before = daemon.status()
     count = 200
     answers: list[list[dict]] = [[] for _ in range(count)]
