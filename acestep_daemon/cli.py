@@ -10,6 +10,7 @@ acestep make-tiny-checkpoint  write a tiny random checkpoint in the real layout
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import subprocess
@@ -52,6 +53,14 @@ def _socket_mode(text: str) -> int:
     return mode
 
 
+def _device_list(text: str) -> list[str]:
+    """`cuda:0,cuda:1` → ["cuda:0", "cuda:1"] (a device may repeat: `cpu,cpu`)."""
+    devices = [name.strip() for name in text.split(",")]
+    if not all(devices):
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of devices: {text}")
+    return devices
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -85,7 +94,21 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH[:SCALE]",
         help="a LoRA adapter (PEFT folder or .safetensors) for requests that name none",
     )
-    _add_device(p)
+    devices = p.add_mutually_exclusive_group()
+    devices.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the GPU when there is one), cpu, cuda or cuda:N (%(default)s)",
+    )
+    devices.add_argument(
+        "--devices",
+        type=_device_list,
+        default=None,
+        metavar="DEV,DEV,...",
+        help="one resident pipeline and worker per device (e.g. cuda:0,cuda:1), "
+        "all fed from one queue (off: one worker on --device)",
+    )
+    _add_dtype(p)
     _add_compile(p, defaults.compile)
     _add_lm(p)
     p.add_argument(
@@ -172,6 +195,10 @@ def _add_device(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (the GPU when there is one), cpu, cuda or cuda:N (%(default)s)",
     )
+    _add_dtype(p)
+
+
+def _add_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -275,7 +302,9 @@ def _serve(args: argparse.Namespace) -> int:
     activated = os.environ.get("LISTEN_PID") == str(os.getpid())
     if not activated and paths.daemon_answers(options.socket_path):
         raise StartupProblem(f"a daemon is already listening on {options.socket_path}")
-    _check_device(args.device)
+    devices = args.devices or [args.device]
+    for device in devices:
+        _check_device(device)
 
     from acestep_daemon import faults, server
     from acestep_daemon.checkpoint import resolve_checkpoint
@@ -304,10 +333,10 @@ def _serve(args: argparse.Namespace) -> int:
             ) from error
         injected = faults.plan_from_env()
 
-        def factory() -> Pipeline:
+        def factory(device: str) -> Pipeline:
             pipeline = Pipeline.load(
                 checkpoint,
-                device=args.device,
+                device=device,
                 dtype=dtype,
                 model=model,
                 lm_size=_lm_size(args),
@@ -320,7 +349,9 @@ def _serve(args: argparse.Namespace) -> int:
             return faults.FaultyPipeline(pipeline, injected) if injected else pipeline
 
         manager = GenerationManager(
-            factory, queue_limit=options.queue_limit, idle_unload_s=options.idle_unload_s
+            [functools.partial(factory, device) for device in devices],
+            queue_limit=options.queue_limit,
+            idle_unload_s=options.idle_unload_s,
         )
         return server.serve(manager, options)
     except ValueError as error:
@@ -474,9 +505,11 @@ def _add_request(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="?", metavar="CAPTION", help="the caption, as -c/--caption")
     p.add_argument(
         "--command",
-        choices=get_args(CommandName),
+        choices=[c for c in get_args(CommandName) if c != "cancel"],
         help='send {"command": NAME} instead of a generation request',
     )
+    p.add_argument("--jobs", action="store_true", help="list the queued and running jobs")
+    p.add_argument("--cancel", metavar="ID", help="cancel the job with this id")
     p.add_argument("--json", dest="raw", help="send this JSON object as it is")
     p.add_argument(
         "--socket", type=Path, default=None, help=f"default: {client.default_socket_path()}"
@@ -497,6 +530,8 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         return client.parse_request(args.raw)
     if args.command:
         return {"command": args.command}
+    if args.jobs or args.cancel is not None:
+        return client.control_request(jobs=args.jobs, cancel=args.cancel)
     if args.text is not None and args.caption is not None:
         raise client.ClientError("give the caption once (positional or -c)", client.EXIT_USAGE)
     args.caption = args.caption if args.caption is not None else args.text

@@ -7,12 +7,15 @@ environment: the spacebot skill ships it as `scripts/acestep-request`.
 
     acestep-request [--socket PATH] [--timeout SECONDS] [--progress] [JSON]
     acestep-request --command ping|status|load|unload
+    acestep-request --jobs | --cancel ID
 
 The request is a JSON object given as the argument or on stdin, or one of the
 daemon's commands given with --command; a JSON request is checked
 only for being a JSON object (the daemon validates the fields). The final
 answer line goes to stdout as the daemon sent it; progress lines (with
-`--progress`) and every error message go to stderr.
+`--progress`) and every error message go to stderr. `--jobs` lists the queued
+and running jobs; `--cancel ID` cancels one (its id is in its first progress
+line, its answer and the list).
 
 Exit status:
   0    the daemon answered ok
@@ -100,6 +103,13 @@ def parse_request(text: str) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise ClientError("the request must be a JSON object ({...})", EXIT_USAGE)
     return request
+
+
+def control_request(*, jobs: bool, cancel: str | None) -> dict[str, Any]:
+    """`{"command": "jobs"}` or `{"command": "cancel", "id": cancel}`."""
+    if jobs and cancel is not None:
+        raise ClientError("give --jobs or --cancel, not both", EXIT_USAGE)
+    return {"command": "jobs"} if jobs else {"command": "cancel", "id": cancel}
 
 
 def _connect(path: Path, timeout: float | None) -> socket.socket:
@@ -265,10 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--progress", action="store_true", help="ask for progress lines and print them on stderr"
     )
+    parser.add_argument("--jobs", action="store_true", help="list the queued and running jobs")
+    parser.add_argument("--cancel", metavar="ID", help="cancel the job with this id")
     args = parser.parse_args(argv)
     try:
-        if args.command is not None:
-            request: dict[str, Any] = {"command": args.command}
+        if args.jobs or args.cancel is not None:
+            if args.request is not None:
+                raise ClientError("give a request or --jobs / --cancel, not both", EXIT_USAGE)
+            request = control_request(jobs=args.jobs, cancel=args.cancel)
+        elif args.command is not None:
+            request = {"command": args.command}
         else:
             text = args.request if args.request is not None else sys.stdin.read()
             request = parse_request(text)

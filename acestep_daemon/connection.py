@@ -35,6 +35,8 @@ from acestep_daemon.manager import (
     JobResult,
     QueueFull,
     ShuttingDown,
+    abbreviate,
+    ending,
 )
 from acestep_daemon.memory import OutOfMemory
 from acestep_daemon.options import ServerOptions
@@ -177,6 +179,9 @@ class Connection:
                 await self._discard_rest()
             return wire_error(error)
         if isinstance(request, protocol.CommandRequest):
+            if request.command == "cancel":
+                assert request.id is not None
+                return await cancel_job(self.manager, request.id)
             return await self._command(request.command)
         return await self._generate(request, sock.fileno())
 
@@ -219,6 +224,8 @@ class Connection:
             return {"ok": True, "message": "pong"}
         if name == "status":
             return {"ok": True, **self.manager.status()}
+        if name == "jobs":
+            return {"ok": True, "jobs": self.manager.jobs()}
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
         try:
@@ -248,7 +255,7 @@ class Connection:
         try:
             if request.progress:
                 try:
-                    await self._send(protocol.queued_line(handle.position))
+                    await self._send(protocol.queued_line(handle.position, handle.id))
                 except ConnectionError:
                     events.hangup()
             while (progress := await events.next_progress()) is not None:
@@ -273,9 +280,8 @@ class Connection:
         )
         if events.hung_up:
             return None  # nobody to answer; the journal line above tells what happened
-        if isinstance(outcome, JobResult):
-            return success(outcome)
-        return wire_error(outcome)
+        answer = success(outcome) if isinstance(outcome, JobResult) else wire_error(outcome)
+        return {**answer, "id": handle.id}
 
     async def _send(self, answer: dict[str, Any]) -> None:
         try:
@@ -320,6 +326,33 @@ class _Events:
         return error if error is not None else future.result()
 
 
+async def cancel_job(manager: GenerationManager, job_id: str) -> dict[str, Any]:
+    """The `cancel` command: a queued job is cancelled at once, a running one at its next
+    step (answered once it has stopped); the job's own client gets a `cancelled` answer."""
+    found = manager.find(job_id)
+    if found is None:
+        return protocol.error_answer(f"no job has the id {job_id!r}", "unknown_job", id=job_id)
+    if isinstance(found, str):
+        return _already_finished(job_id, found)
+    queued = manager.cancel(found, Cancelled(f"job {job_id} was cancelled by a cancel command"))
+    was = "queued" if queued else "running"
+    with contextlib.suppress(Exception):
+        await asyncio.wrap_future(found.result)
+    if ending(found.result) != "cancelled":
+        return _already_finished(job_id, ending(found.result))
+    logger.info("job %s cancelled while %s", job_id, was)
+    return {"ok": True, "message": f"cancelled job {job_id} ({was})", "id": job_id, "was": was}
+
+
+def _already_finished(job_id: str, how: str) -> dict[str, Any]:
+    return protocol.error_answer(
+        f"job {job_id} already finished ({how}); nothing to cancel",
+        "already_finished",
+        id=job_id,
+        ended=how,
+    )
+
+
 def success(result: JobResult) -> dict[str, Any]:
     """The success answer of a job's written file(s)."""
     return result.run.answer(result.path, result.timings, result.takes)
@@ -334,9 +367,8 @@ def settle(future: asyncio.Future[Any], result: Any) -> None:
         future.set_result(result)
 
 
-def _abbreviate(text: str, limit: int = 40) -> str:
-    text = " ".join(text.split())
-    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+def _abbreviate(text: str) -> str:
+    return repr(abbreviate(text))
 
 
 def _log_request(request: protocol.GenerateRequest, outcome: Any) -> None:

@@ -14,7 +14,7 @@ import math
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from acestep_daemon.constants import AUDIO_CHANNELS, OUTPUT_EXTENSIONS, SAMPLE_RATE
 from acestep_daemon.params import CWD, Flag, GenerationParams, StrictModel, path_value
@@ -23,10 +23,20 @@ MAX_LINE_BYTES = 1 << 20
 """A request line (without its newline) may be at most 1 MiB."""
 
 ErrorCode = Literal[
-    "invalid_request", "busy", "oom", "cancelled", "io", "internal", "shutting_down"
+    "invalid_request",
+    "busy",
+    "oom",
+    "cancelled",
+    "io",
+    "internal",
+    "shutting_down",
+    "already_finished",
+    "unknown_job",
 ]
-CommandName = Literal["unload", "load", "status", "ping"]
+CommandName = Literal["unload", "load", "status", "ping", "jobs", "cancel"]
 HangupPolicy = Literal["finish", "cancel"]
+
+JOB_ID_MAX_CHARS = 64
 
 _EXTENSIONS = tuple(ext.lstrip(".") for ext in OUTPUT_EXTENSIONS)
 
@@ -89,9 +99,19 @@ class GenerateRequest(GenerationParams):
 
 
 class CommandRequest(StrictModel):
-    """A control message: `{"command": "unload" | "load" | "status" | "ping"}`."""
+    """A control message: `{"command": "unload" | "load" | "status" | "ping" | "jobs"}`, or
+    `{"command": "cancel", "id": …}` with the id of a job (its queued line, its answer)."""
 
     command: CommandName
+    id: str | None = Field(None, min_length=1, max_length=JOB_ID_MAX_CHARS)
+
+    @model_validator(mode="after")
+    def _id_with_cancel(self) -> CommandRequest:
+        if self.command == "cancel" and self.id is None:
+            raise ValueError("id: cancel needs the id of the job to cancel")
+        if self.command != "cancel" and self.id is not None:
+            raise ValueError(f"id: only cancel takes an id, not {self.command}")
+        return self
 
 
 def describe(error: ValidationError) -> str:
@@ -212,12 +232,13 @@ def progress_line(stage: str, step: int, of: int) -> dict[str, Any]:
     return {"progress": {"stage": stage, "step": step, "of": of}}
 
 
-def queued_line(position: int) -> dict[str, Any]:
-    """The first progress line of an accepted job: how many jobs are ahead of it.
+def queued_line(position: int, job_id: str) -> dict[str, Any]:
+    """The first progress line of an accepted job: its id, and how many jobs are ahead of it.
 
-    `position` counts the running job and the queued ones before it; 0 means it starts now.
+    `position` counts the jobs that must end before this one can start (with one worker:
+    the running job and the queued ones before it); 0 means it starts now.
     """
-    return {"progress": {"stage": "queued", "position": position}}
+    return {"progress": {"stage": "queued", "position": position, "id": job_id}}
 
 
 def encode(answer: dict[str, Any]) -> bytes:

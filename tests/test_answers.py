@@ -70,7 +70,8 @@ def test_accepted_job_is_told_its_queue_position(daemon: Daemon, tmp_path: Path)
         second.sendall(json.dumps(request).encode() + b"\n")
         second.shutdown(socket.SHUT_WR)
         first_line = second.makefile("rb").readline()
-    assert json.loads(first_line) == {"progress": {"stage": "queued", "position": 1}}
+    queued = json.loads(first_line)["progress"]
+    assert (queued["stage"], queued["position"]) == ("queued", 1) and queued["id"]
 
 
 def test_full_disk_answers_io_naming_the_path(tmp_path: Path, tiny_checkpoint: Path):
@@ -125,7 +126,7 @@ def test_generate_prints_the_daemons_fields(daemon: Daemon, tmp_path: Path, tiny
     )
     printed = json.loads(result.stdout)
     answer = daemon.ask({"caption": "g", "duration_s": 1, "output": str(tmp_path / "d.wav")})
-    assert list(printed) == list(answer)
+    assert [*printed, "id"] == list(answer)  # only a daemon's job has an id
     assert set(printed["timings"]) == {"load", *STAGES, "write", "total"}
     assert printed["notes"] == [
         "shift 2.5 was snapped to 2 (the turbo schedule has shifts 1, 2 and 3)"

@@ -108,7 +108,7 @@ def test_progress_lines_come_in_order_before_the_final_line(daemon: Daemon, tmp_
     answers = ask(daemon.socket, request)
     queued, *progress, final = answers
     assert final["ok"] is True and final["path"] == str(output)
-    assert queued == {"progress": {"stage": "queued", "position": 0}}
+    assert queued == {"progress": {"stage": "queued", "position": 0, "id": final["id"]}}
     steps = [(p["progress"]["stage"], p["progress"]["step"], p["progress"]["of"]) for p in progress]
     assert steps[:2] == [("text", 0, 1), ("text", 1, 1)]
     assert [s for s in steps if s[0] == "diffusion"] == [("diffusion", i, 8) for i in range(9)]

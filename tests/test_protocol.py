@@ -171,3 +171,11 @@ def test_a_hang_up_finishes_a_named_file_and_cancels_a_spooled_one(fields, polic
 def test_answers_keep_non_ascii_text_as_utf8():
     line = encode({"ok": True, "path": "/tmp/café ♪.ogg"})
     assert "/tmp/café ♪.ogg".encode() in line and b"\\u" not in line
+
+
+def test_cancel_needs_an_id_and_only_cancel_takes_one():
+    assert parse({"command": "cancel", "id": "ab12"}) == CommandRequest(command="cancel", id="ab12")
+    assert parse({"command": "jobs"}) == CommandRequest(command="jobs")
+    for bad in ({"command": "cancel"}, {"command": "status", "id": "ab12"}):
+        with pytest.raises(ProtocolError, match="id"):
+            parse(bad)
