@@ -29,7 +29,7 @@ from acestep_daemon.checkpoint import DEFAULT_LM, LM_SIZES, TINY_LM
 from acestep_daemon.family import DEFAULT_MODEL, MODELS
 from acestep_daemon.options import ServerOptions
 from acestep_daemon.params import Flag
-from acestep_daemon.protocol import CommandName, GenerateRequest
+from acestep_daemon.protocol import GenerateRequest
 
 if TYPE_CHECKING:
     import torch
@@ -505,7 +505,7 @@ def _add_request(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="?", metavar="CAPTION", help="the caption, as -c/--caption")
     p.add_argument(
         "--command",
-        choices=[c for c in get_args(CommandName) if c != "cancel"],
+        choices=client.COMMANDS,
         help='send {"command": NAME} instead of a generation request',
     )
     p.add_argument("--jobs", action="store_true", help="list the queued and running jobs")

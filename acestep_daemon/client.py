@@ -57,8 +57,9 @@ EXIT_TIMEOUT = 124
 EXIT_SIGINT = 128 + signal.SIGINT
 EXIT_SIGTERM = 128 + signal.SIGTERM
 
-COMMANDS = ("ping", "status", "load", "unload")
-"""The daemon's commands (`{"command": NAME}`), as `protocol.CommandName` lists them."""
+COMMANDS = ("ping", "status", "load", "unload", "jobs")
+"""The daemon's commands that take no argument (`{"command": NAME}`): all that
+`protocol.CommandName` lists but `cancel`, which names a job (`--cancel ID`)."""
 
 PROG = "acestep-request"
 _CANCELLED = "closing the connection cancels the job in the daemon"

@@ -102,7 +102,7 @@ def test_progress_lines_go_to_stderr(daemon: Daemon, tmp_path: Path):
 
 
 def test_daemon_error_exits_1_with_its_text_on_stderr(daemon: Daemon):
-    result = run_client("--socket", str(daemon.socket), '{"caption": "x", "output": "rel.wav"}')
+    result = run_client("--socket", str(daemon.socket), '{"caption": "x", "output": "song.exe"}')
     assert result.returncode == client.EXIT_DAEMON_ERROR
     answer = json.loads(result.stdout)
     assert answer["code"] == "invalid_request"
@@ -118,7 +118,7 @@ def test_command_flag_sends_the_command(daemon: Daemon):
 
 
 def test_client_commands_are_the_protocols():
-    assert sorted(client.COMMANDS) == sorted(typing.get_args(CommandName))
+    assert sorted((*client.COMMANDS, "cancel")) == sorted(typing.get_args(CommandName))
 
 
 def test_command_and_json_together_are_a_usage_error(tmp_path: Path):
