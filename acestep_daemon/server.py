@@ -28,6 +28,10 @@ from acestep_daemon.options import ServerOptions
 
 logger = logging.getLogger(__name__)
 
+LISTEN_BACKLOG = socket.SOMAXCONN
+"""Connections the kernel holds until they are accepted (the system's limit; asyncio's
+default of 100 turns a burst of clients into refused connects, EAGAIN)."""
+
 FORCED_EXIT_STATUS = 130
 """Exit status when a second signal cuts the shutdown short."""
 
@@ -57,7 +61,7 @@ def bind_socket(path: Path, mode: int) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)
     return sock
 
 
@@ -102,7 +106,7 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         self._listener = await asyncio.start_unix_server(
-            self._connection, sock=sock, limit=protocol.MAX_LINE_BYTES + 1
+            self._connection, sock=sock, limit=protocol.MAX_LINE_BYTES + 1, backlog=LISTEN_BACKLOG
         )
         where = sock.getsockname() or socket_path
         logger.info("listening on %s%s", where, " (socket activation)" * bool(activated))
