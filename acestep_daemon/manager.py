@@ -585,7 +585,10 @@ class GenerationManager:
         with self._cond:
             if self._stopping:
                 return 0
-            idle = sum(worker.running is None for worker in self._workers)
+            idle = sum(
+                worker.running is None or worker.running.result.done()  # ending: free next
+                for worker in self._workers
+            )
             return max(0, idle - len(self._jobs))
 
     @property

@@ -51,7 +51,7 @@ JOB_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{JOB_ID_MAX_CHARS}}}")
 """What a job id of an entry may be (it names files in the private folder)."""
 
 IDLE_POLL_S = 0.1
-"""How often a daemon with no idle worker looks again."""
+"""How often a daemon with no idle worker looks again (at once when a queue job ends)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class QueuePuller:
         self._lock = threading.Lock()
         self._taking = True
         self._closed = threading.Event()
+        self._job_ended = threading.Event()
         self._folder = Path(tempfile.mkdtemp(prefix="acestep-queue-"))
         self._thread = threading.Thread(target=self._pull, name="acestep-queue", daemon=True)
         self._last_watch = 0.0
@@ -118,7 +119,8 @@ class QueuePuller:
             try:
                 self._watch()
                 if not self._taking or self.manager.idle_workers() == 0:
-                    self._closed.wait(IDLE_POLL_S)
+                    self._job_ended.wait(IDLE_POLL_S)
+                    self._job_ended.clear()
                     continue
                 entry = self._claim_stale() or self._read_new()
                 if entry is not None:
@@ -231,6 +233,7 @@ class QueuePuller:
     def _finished(self, entry: bytes, job_id: str, result: Future[JobResult]) -> None:
         with self._lock:
             self._taken.pop(job_id, None)
+        self._job_ended.set()
         error = result.exception()
         if isinstance(error, ShuttingDown):
             logger.info("queue: job %s stopped by the shutdown; left to another worker", job_id)
