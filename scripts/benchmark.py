@@ -552,12 +552,17 @@ def ask(path: Path, request: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in b"".join(chunks).splitlines()]
 
 
-def spawn_daemon(scratch: Path, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
-    """`acestep serve --socket scratch/NAME.sock ARGS` with its log in scratch/NAME.log."""
+def spawn_daemon(
+    scratch: Path, name: str, *args: str, threads: int | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """`acestep serve --socket scratch/NAME.sock ARGS` with its log in scratch/NAME.log
+    (`threads`: its CPU threads, OMP_NUM_THREADS)."""
     sock = scratch / f"{name}.sock"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACESTEP_", "LISTEN_"))}
     env.pop("NOTIFY_SOCKET", None)
     env |= {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XDG_RUNTIME_DIR": str(scratch)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "acestep_daemon", "serve", "--socket", str(sock), *args]
     with (scratch / f"{name}.log").open("wb") as log:
         daemon = subprocess.Popen(command, cwd=scratch, env=env, stdout=log, stderr=log)
@@ -657,9 +662,11 @@ def start_setup(
     while not redis_sock.exists():
         time.sleep(0.01)
     queue = ("--queue", f"unix://{redis_sock}")
+    # Worker processes on one CPU share its cores, as the threads of one daemon do.
+    threads = max(1, torch.get_num_threads() // workers) if device == "cpu" else None
     for index in range(workers):
         worker, worker_sock = spawn_daemon(
-            scratch, f"{name}-worker{index}", *model, "--device", device, *queue
+            scratch, f"{name}-worker{index}", *model, "--device", device, *queue, threads=threads
         )
         daemons.append(worker)
         wait_loaded(worker, worker_sock)
