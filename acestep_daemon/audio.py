@@ -13,6 +13,7 @@ import math
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +78,7 @@ def write_audio(
     if subtype != "FLOAT":
         frames = np.clip(frames, -1.0, 1.0)
 
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{extension}")
-    try:
-        temporary.open("xb").close()  # reserve the name (plain permissions, honours umask)
-    except OSError as error:
-        raise InvalidRequest(f"cannot write to {path.parent}: {error.strerror}") from error
-    try:
+    def encode(temporary: Path) -> None:
         with sf.SoundFile(
             temporary,
             "w",
@@ -94,6 +90,27 @@ def write_audio(
             block = _BLOCK_SECONDS * sample_rate
             for start in range(0, frames.shape[0], block):
                 output.write(frames[start : start + block])
+
+    return _write_atomically(path, encode)
+
+
+def write_encoded(path: Path, data: bytes) -> Path:
+    """Write an already encoded file (a worker's, through the queue) to ``path`` atomically,
+    with the errors of :func:`write_audio`. Returns ``path``."""
+    return _write_atomically(Path(path), lambda temporary: temporary.write_bytes(data))
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Let ``write`` fill a hidden temporary file beside ``path``, flush it, rename it over
+    ``path``; the temporary file never stays."""
+    extension = path.suffix.lower()
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{extension}")
+    try:
+        temporary.open("xb").close()  # reserve the name (plain permissions, honours umask)
+    except OSError as error:
+        raise InvalidRequest(f"cannot write to {path.parent}: {error.strerror}") from error
+    try:
+        write(temporary)
         _fsync(temporary)
         os.replace(temporary, path)
     except (OSError, sf.LibsndfileError) as error:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from acestep_daemon import client, paths, units
 from acestep_daemon.checkpoint import DEFAULT_LM, LM_SIZES, TINY_LM
 from acestep_daemon.family import DEFAULT_MODEL, MODELS
-from acestep_daemon.options import ServerOptions
+from acestep_daemon.options import CLAIM_IDLE_S, QUEUE_PREFIX, ServerOptions
 from acestep_daemon.params import Flag
 from acestep_daemon.protocol import GenerateRequest
 
@@ -163,6 +163,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="on SIGTERM, let the running request finish for this long (%(default)g)",
     )
+    _add_queue(p)
     p.add_argument(
         "--log-level",
         default="info",
@@ -177,6 +178,38 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         help="debug logging, with tracebacks for start-up errors",
     )
     p.set_defaults(func=cmd_serve)
+
+
+def _add_queue(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "job queue", "several daemons on several machines share one Redis queue (README)"
+    )
+    group.add_argument(
+        "--queue",
+        metavar="URL",
+        default=None,
+        help="also take jobs from this Redis server (redis://HOST:PORT, rediss://, "
+        "unix:///PATH) whenever a worker is idle (default: none)",
+    )
+    group.add_argument(
+        "--front",
+        action="store_true",
+        help="load no model: put the socket's requests on --queue and write the answers' "
+        "files here",
+    )
+    group.add_argument(
+        "--queue-name",
+        default=QUEUE_PREFIX,
+        metavar="PREFIX",
+        help="prefix of the queue's keys: daemons with the same one share jobs (%(default)s)",
+    )
+    group.add_argument(
+        "--claim-idle",
+        type=client.positive_seconds,
+        default=CLAIM_IDLE_S,
+        metavar="SECONDS",
+        help="a job whose worker has been silent this long goes to another worker (%(default)g)",
+    )
 
 
 def _add_compile(p: argparse.ArgumentParser, default: bool) -> None:
@@ -302,6 +335,10 @@ def _serve(args: argparse.Namespace) -> int:
     activated = os.environ.get("LISTEN_PID") == str(os.getpid())
     if not activated and paths.daemon_answers(options.socket_path):
         raise StartupProblem(f"a daemon is already listening on {options.socket_path}")
+    if args.front and not args.queue:
+        raise StartupProblem("--front needs --queue URL: the queue it puts the requests on")
+    if args.front:
+        return _serve_front(args, options)
     devices = args.devices or [args.device]
     for device in devices:
         _check_device(device)
@@ -353,9 +390,44 @@ def _serve(args: argparse.Namespace) -> int:
             queue_limit=options.queue_limit,
             idle_unload_s=options.idle_unload_s,
         )
-        return server.serve(manager, options)
+        puller = None
+        if args.queue:
+            from acestep_daemon.queue_worker import QueuePuller
+
+            queue, keys = _queue(args)
+            puller = QueuePuller(manager, queue, keys, model=model, claim_idle_s=args.claim_idle)
+        return server.serve(manager, options, puller)
     except ValueError as error:
         raise StartupProblem(str(error)) from error
+
+
+def _queue(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The queue client and keys of --queue, --queue-name and --model; one short message
+    when the server cannot be reached."""
+    from acestep_daemon import jobqueue
+
+    keys = jobqueue.Keys(args.queue_name, args.model)
+    try:
+        return jobqueue.connect(args.queue, keys), keys
+    except jobqueue.QueueUnavailable as error:
+        raise StartupProblem(str(error)) from error
+
+
+def _serve_front(args: argparse.Namespace, options: ServerOptions) -> int:
+    """`serve --front`: the socket in front of the queue, no model loaded."""
+    from acestep_daemon import server
+    from acestep_daemon.front import QueueFront, front_name
+
+    queue, keys = _queue(args)
+    front = QueueFront(
+        queue,
+        keys,
+        name=front_name(options.socket_path),
+        url=args.queue,
+        queue_limit=options.queue_limit,
+    )
+    logger.info("front of %s: requests go to %s", front.url, keys.jobs)
+    return server.serve(front, options)
 
 
 TINY_PREFIX = "tiny-"

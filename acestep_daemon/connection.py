@@ -26,8 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from acestep_daemon import paths, protocol, sdnotify
-from acestep_daemon.errors import AceStepError, Cancelled, InvalidRequest, OutputError
+from acestep_daemon.errors import (
+    AceStepError,
+    Cancelled,
+    InvalidRequest,
+    OutputError,
+    RemoteError,
+)
 from acestep_daemon.family import MODELS
+from acestep_daemon.front import QueueFront
 from acestep_daemon.manager import (
     GenerationManager,
     Job,
@@ -48,6 +55,8 @@ _UCRED = struct.Struct("3i")  # pid, uid, gid
 
 def wire_error(error: BaseException) -> dict[str, Any]:
     """A typed error from below → the wire's error answer."""
+    if isinstance(error, RemoteError):
+        return error.answer
     if isinstance(error, protocol.ProtocolError):
         return protocol.error_answer(str(error), error.code)
     if isinstance(error, InvalidRequest):
@@ -133,7 +142,7 @@ class Connection:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        manager: GenerationManager,
+        manager: GenerationManager | QueueFront,
         options: ServerOptions,
         watcher: HangupWatcher,
     ) -> None:
@@ -248,8 +257,9 @@ class Connection:
         except AceStepError as error:
             if isinstance(error, InvalidRequest):
                 self.manager.count_rejected()
-            _log_request(request, error)
-            return wire_error(error)
+            answer = wire_error(error)
+            _log_request(request, answer)
+            return answer
         events = _Events(handle, asyncio.get_running_loop(), progress=request.progress)
         self.watcher.watch(fd, events.hangup)
         try:
@@ -271,8 +281,8 @@ class Connection:
             self.watcher.unwatch(fd)
         if events.hung_up:
             logger.info("client hung up; request goes on (%s)", _abbreviate(request.caption))
-        outcome = await events.outcome()
-        _log_request(request, outcome)
+        answer = _answer(await events.outcome())
+        _log_request(request, answer)
         counts = self.manager.counters
         sdnotify.notify(
             f"STATUS={counts.generated} generated, {counts.failed} failed, "
@@ -280,7 +290,6 @@ class Connection:
         )
         if events.hung_up:
             return None  # nobody to answer; the journal line above tells what happened
-        answer = success(outcome) if isinstance(outcome, JobResult) else wire_error(outcome)
         return {**answer, "id": handle.id}
 
     async def _send(self, answer: dict[str, Any]) -> None:
@@ -326,7 +335,7 @@ class _Events:
         return error if error is not None else future.result()
 
 
-async def cancel_job(manager: GenerationManager, job_id: str) -> dict[str, Any]:
+async def cancel_job(manager: GenerationManager | QueueFront, job_id: str) -> dict[str, Any]:
     """The `cancel` command: a queued job is cancelled at once, a running one at its next
     step (answered once it has stopped); the job's own client gets a `cancelled` answer."""
     found = manager.find(job_id)
@@ -353,9 +362,9 @@ def _already_finished(job_id: str, how: str) -> dict[str, Any]:
     )
 
 
-def success(result: JobResult) -> dict[str, Any]:
-    """The success answer of a job's written file(s)."""
-    return result.run.answer(result.path, result.timings, result.takes)
+def _answer(outcome: JobResult | BaseException) -> dict[str, Any]:
+    """The answer of a job's outcome: its written file(s), or its error."""
+    return wire_error(outcome) if isinstance(outcome, BaseException) else outcome.answer()
 
 
 def settle(future: asyncio.Future[Any], result: Any) -> None:
@@ -371,30 +380,29 @@ def _abbreviate(text: str) -> str:
     return repr(abbreviate(text))
 
 
-def _log_request(request: protocol.GenerateRequest, outcome: Any) -> None:
+def _log_request(request: protocol.GenerateRequest, answer: dict[str, Any]) -> None:
     """One line per request for the journal: caption, duration, seed, timings, result."""
-    if isinstance(outcome, JobResult):
-        run = outcome.run
-        timings = " ".join(f"{k}={v:.2f}s" for k, v in outcome.timings.items())
-        extra = f" fallback={run.fallback}" if run.fallback else ""
-        extra += "".join(f" note={note!r}" for note in run.audio.notes)
-        logger.info(
-            "request %s duration=%gs seed=%d %s device=%s%s -> %s",
-            _abbreviate(request.caption),
-            run.audio.duration_s,  # what was generated (a source's length, a planned duration)
-            run.audio.seed,
-            timings,
-            run.device,
-            extra,
-            outcome.path,
-        )
-    else:
-        answer = wire_error(outcome)
+    caption = _abbreviate(request.caption)
+    if not answer["ok"]:
         logger.info(
             "request %s duration=%gs seed=%s -> %s: %s",
-            _abbreviate(request.caption),
+            caption,
             request.duration_s,
             request.seed,
             answer["code"],
             answer["error"],
         )
+        return
+    timings = " ".join(f"{k}={v:.2f}s" for k, v in answer["timings"].items())
+    extra = f" fallback={answer['fallback']}" if answer["fallback"] else ""
+    extra += "".join(f" note={note!r}" for note in answer["notes"])
+    logger.info(
+        "request %s duration=%gs seed=%d %s device=%s%s -> %s",
+        caption,
+        answer["duration_s"],  # what was generated (a source's length, a planned duration)
+        answer["seed"],
+        timings,
+        answer["device"],
+        extra,
+        answer["path"],
+    )

@@ -23,3 +23,20 @@ class OutputError(AceStepError):
 
 class GenerationFailed(AceStepError):
     """The model produced unusable output (NaN/Inf or silence)."""
+
+
+class RemoteError(AceStepError):
+    """A job failed on a worker behind the queue: `answer` is that worker's wire answer."""
+
+    def __init__(self, answer: dict) -> None:
+        super().__init__(answer.get("error", "the worker gave no reason"))
+        self.answer = answer
+
+
+class RemoteCancelled(RemoteError, Cancelled):
+    """A job was cancelled on a worker behind the queue."""
+
+
+def remote_error(answer: dict) -> RemoteError:
+    """The error of a worker's failure answer, cancelled or not."""
+    return (RemoteCancelled if answer.get("code") == "cancelled" else RemoteError)(answer)

@@ -85,6 +85,15 @@ class JobResult:
     takes: list[tuple[Path, int]] = field(default_factory=list)
     """(file, seed) of every take when the request named `seeds`; empty otherwise."""
 
+    def answer(self) -> dict[str, Any]:
+        """The wire's success answer of the written file(s)."""
+        return self.run.answer(self.path, self.timings, self.takes)
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file written, in answer order (the takes', or the one file)."""
+        return [path for path, _ in self.takes] or [self.path]
+
 
 @dataclass(eq=False)
 class JobHandle:
@@ -95,8 +104,9 @@ class JobHandle:
     """Names the job on the wire (the `cancel` command, the `jobs` list, its answer)."""
     position: int = 0
     """Jobs that had to end before this one could start when it was queued (0: starts now)."""
-    worker: int | None = None
-    """The index of the worker running it; None while it waits."""
+    worker: int | str | None = None
+    """The worker running it (its index; through a queue, its daemon's name); None while it
+    waits."""
     result: Future[JobResult] = field(default_factory=Future)
     cancel_reason: AceStepError | None = None
     _listeners: list[Progress] = field(default_factory=list)
@@ -110,6 +120,10 @@ class JobHandle:
         """The pipeline's callback: the cancellation point, then the listeners."""
         if self.cancel_reason is not None:
             raise self.cancel_reason
+        self._report(stage, step, of)
+
+    def _report(self, stage: str, step: int, of: int) -> None:
+        """Tell the listeners how far the job is."""
         for listener in self._listeners:
             listener(stage, step, of)
 
@@ -413,9 +427,11 @@ class GenerationManager:
             worker.controls.append(_Control("load", gather.part(worker.index)))
             worker.thread.start()
 
-    def submit(self, job: Job) -> JobHandle:
-        """Queue a job and return its handle, or raise QueueFull / ShuttingDown at once."""
-        handle = JobHandle(job)
+    def submit(self, job: Job, job_id: str | None = None) -> JobHandle:
+        """Queue a job and return its handle, or raise QueueFull / ShuttingDown at once.
+
+        `job_id` keeps an id given elsewhere (the job queue's); by default a fresh one."""
+        handle = JobHandle(job) if job_id is None else JobHandle(job, id=job_id)
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the daemon is shutting down")
@@ -515,8 +531,8 @@ class GenerationManager:
         lead = next((p for p in pipelines if p is not None), None)
         return {
             "version": __version__,
-            "device": _joined(w["device"] for w in workers),
-            "dtype": _joined(w["dtype"] for w in workers),
+            "device": joined(w["device"] for w in workers),
+            "dtype": joined(w["dtype"] for w in workers),
             "loaded": all(p is not None for p in pipelines),
             "queue_depth": depth,
             "queue_limit": self.queue_limit,
@@ -564,6 +580,17 @@ class GenerationManager:
             worker.thread.join(left)
         return not self.alive
 
+    def idle_workers(self) -> int:
+        """Workers that would start a job submitted now."""
+        with self._cond:
+            if self._stopping:
+                return 0
+            idle = sum(
+                worker.running is None or worker.running.result.done()  # ending: free next
+                for worker in self._workers
+            )
+            return max(0, idle - len(self._jobs))
+
     @property
     def queue_depth(self) -> int:
         with self._cond:
@@ -597,7 +624,7 @@ class GenerationManager:
             setattr(self.counters, name, getattr(self.counters, name) + 1)
 
 
-def _joined(values: Iterable[str | None]) -> str | None:
+def joined(values: Iterable[str | None]) -> str | None:
     """Distinct values in order, joined by commas; None when there are none."""
     distinct = dict.fromkeys(v for v in values if v is not None)
     return ",".join(distinct) if distinct else None

@@ -13,6 +13,12 @@ from acestep_daemon.family import DEFAULT_MODEL
 QUEUE_LIMIT = 16
 """Waiting requests before the daemon answers "busy"."""
 
+QUEUE_PREFIX = "acestep"
+"""The prefix of the job queue's keys (`--queue-name`)."""
+
+CLAIM_IDLE_S = 30.0
+"""A queue job whose worker has not re-claimed it for this long goes to another worker."""
+
 
 @dataclass(frozen=True)
 class ServerOptions:

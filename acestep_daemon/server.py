@@ -23,8 +23,10 @@ from typing import Any
 
 from acestep_daemon import paths, protocol, sdnotify
 from acestep_daemon.connection import Connection, HangupWatcher, settle
+from acestep_daemon.front import QueueFront
 from acestep_daemon.manager import GenerationManager
 from acestep_daemon.options import ServerOptions
+from acestep_daemon.queue_worker import QueuePuller
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +70,15 @@ def bind_socket(path: Path, mode: int) -> socket.socket:
 class Server:
     """The daemon's event-loop side: listening, connections, signals, systemd."""
 
-    def __init__(self, manager: GenerationManager, options: ServerOptions) -> None:
+    def __init__(
+        self,
+        manager: GenerationManager | QueueFront,
+        options: ServerOptions,
+        puller: QueuePuller | None = None,
+    ) -> None:
         self.manager = manager
         self.options = options
+        self.puller = puller
         self._connections: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -116,6 +124,8 @@ class Server:
             on_loaded=lambda result: loop.call_soon_threadsafe(settle, loaded, result),
             on_fatal=lambda error: loop.call_soon_threadsafe(self._fail, error),
         )
+        if self.puller is not None:
+            self.puller.start()
 
     async def serve(self) -> None:
         """Report READY once loaded, keep the watchdog fed, wait for the stop."""
@@ -126,8 +136,9 @@ class Server:
             await asyncio.wait([self._loaded, stop], return_when=asyncio.FIRST_COMPLETED)
             if self._loaded.done() and not self._loaded.exception():
                 where = self._loaded.result()
-                sdnotify.notify(f"READY=1\nSTATUS=serving on {where['device']} ({where['dtype']})")
-                logger.info("ready: pipeline on %s (%s)", where["device"], where["dtype"])
+                serving = where.get("serving") or "pipeline on {device} ({dtype})".format_map(where)
+                sdnotify.notify(f"READY=1\nSTATUS=serving: {serving}")
+                logger.info("ready: %s", serving)
             await stop
         finally:
             watchdog.cancel()
@@ -164,6 +175,8 @@ class Server:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.puller is not None:
+            self.puller.stop_taking()
         self.manager.shutdown()
         sdnotify.notify("STATUS=finishing the running request")
         grace = self.options.shutdown_grace_s
@@ -171,6 +184,8 @@ class Server:
             logger.warning("grace period over; stopping the running request")
             self.manager.stop_running()
             await loop.run_in_executor(None, self.manager.join, 10.0)
+        if self.puller is not None:
+            await loop.run_in_executor(None, self.puller.close)
 
     async def _watchdog(self) -> None:
         interval = sdnotify.watchdog_interval()
@@ -190,12 +205,16 @@ class Server:
             self._connections.discard(task)
 
 
-def serve(manager: GenerationManager, options: ServerOptions) -> int:
+def serve(
+    manager: GenerationManager | QueueFront,
+    options: ServerOptions,
+    puller: QueuePuller | None = None,
+) -> int:
     """Run the server on uvloop until it stops; returns the process exit status."""
     import uvloop
 
     try:
-        return uvloop.run(Server(manager, options).run())
+        return uvloop.run(Server(manager, options, puller).run())
     except StartupError as error:
         logger.error("%s", error)
         return 1

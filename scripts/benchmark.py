@@ -34,8 +34,11 @@ alone.
 
 Also measured, with the tiny checkpoint: daemon overhead per request (socket round trip
 minus the answer's `timings.total`, the job's whole time in the worker, the file write
-included) and `status` requests per second. `--json` prints everything as one JSON object
-instead of tables.
+included) and `status` requests per second. With the checkpoint under test: throughput
+(`--throughput JOBS` requests of `--throughput-duration` seconds sent at once, in jobs per
+minute) and overhead per request of 1 and 2 workers (on `--device`, twice) behind one
+daemon's socket and behind a queue front with a `redis-server` of its own. `--json` prints
+everything as one JSON object instead of tables.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import statistics
 import struct
@@ -53,6 +57,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +96,8 @@ CAPTION = "benchmark: upbeat jazz trio, brushed drums, walking bass"
 LYRICS = "[Instrumental]"
 FIXTURES = REPO / "tests" / "fixtures"
 DAEMON_REQUESTS = 20
+THROUGHPUT_JOBS = 8
+THROUGHPUT_DURATION_S = 10.0
 STATUS_SECONDS = 2.0
 
 
@@ -545,53 +552,165 @@ def ask(path: Path, request: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in b"".join(chunks).splitlines()]
 
 
-def measure_daemon(checkpoint: Path, scratch: Path, requests: int) -> dict[str, float]:
-    """Load time, per-request overhead and `status` rate of a real daemon (tiny checkpoint)."""
-    sock = scratch / "daemon.sock"
+def spawn_daemon(
+    scratch: Path, name: str, *args: str, threads: int | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """`acestep serve --socket scratch/NAME.sock ARGS` with its log in scratch/NAME.log
+    (`threads`: its CPU threads, OMP_NUM_THREADS)."""
+    sock = scratch / f"{name}.sock"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACESTEP_", "LISTEN_"))}
     env.pop("NOTIFY_SOCKET", None)
     env |= {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XDG_RUNTIME_DIR": str(scratch)}
-    command = [sys.executable, "-m", "acestep_daemon", "serve", "--socket", str(sock)]
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    command = [sys.executable, "-m", "acestep_daemon", "serve", "--socket", str(sock), *args]
+    with (scratch / f"{name}.log").open("wb") as log:
+        daemon = subprocess.Popen(command, cwd=scratch, env=env, stdout=log, stderr=log)
+    return daemon, sock
+
+
+def wait_loaded(daemon: subprocess.Popen, sock: Path, workers: int = 1) -> None:
+    """Until `status` says loaded (on a front: `workers` workers published it)."""
+    while True:
+        if daemon.poll() is not None:
+            log = sock.with_suffix(".log").read_text()[-4000:]
+            raise SystemExit(f"daemon exited:\n{log}")
+        try:
+            status = ask(sock, {"command": "status"})[0]
+            if status.get("loaded") and len(status.get("workers", ())) >= workers:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+
+
+def stop_daemons(daemons: list[subprocess.Popen]) -> None:
+    for daemon in daemons:
+        daemon.terminate()
+    for daemon in daemons:
+        daemon.wait(60)
+
+
+def generate(sock: Path, index: int, duration: float, scratch: Path) -> tuple[float, dict]:
+    """One request's (round trip, answer)."""
+    request = {"caption": CAPTION, "duration_s": duration, "seed": index}
+    request["output"] = str(scratch / f"daemon-{index}.wav")
+    begin = time.perf_counter()
+    answer = ask(sock, request)[-1]
+    if not answer.get("ok"):
+        raise SystemExit(f"daemon request failed: {answer}")
+    return time.perf_counter() - begin, answer
+
+
+def overhead_ms(sock: Path, requests: int, duration: float, scratch: Path) -> float:
+    """Median of round trip − the job's time in the worker, one request at a time."""
+    results = [generate(sock, index, duration, scratch) for index in range(requests)]
+    return 1000 * statistics.median(trip - answer["timings"]["total"] for trip, answer in results)
+
+
+def measure_daemon(checkpoint: Path, scratch: Path, requests: int) -> dict[str, float]:
+    """Load time, per-request overhead and `status` rate of a real daemon (tiny checkpoint)."""
     start = time.perf_counter()
-    log = (scratch / "daemon.log").open("wb")
-    daemon = subprocess.Popen(
-        [*command, "--model-dir", str(checkpoint)], cwd=scratch, env=env, stdout=log, stderr=log
-    )
+    daemon, sock = spawn_daemon(scratch, "daemon", "--model-dir", str(checkpoint))
     try:
-        while True:
-            if daemon.poll() is not None:
-                raise SystemExit(f"daemon exited:\n{(scratch / 'daemon.log').read_text()[-4000:]}")
-            try:
-                if ask(sock, {"command": "status"})[0].get("loaded"):
-                    break
-            except OSError:
-                time.sleep(0.05)
+        wait_loaded(daemon, sock)
         ready_s = time.perf_counter() - start
-        overheads = []
-        for index in range(requests + 1):
-            request = {"caption": CAPTION, "duration_s": 1.0, "seed": index}
-            request["output"] = str(scratch / f"daemon-{index}.wav")
-            begin = time.perf_counter()
-            answer = ask(sock, request)[-1]
-            round_trip = time.perf_counter() - begin
-            if not answer.get("ok"):
-                raise SystemExit(f"daemon request failed: {answer}")
-            if index:  # the first one is the warm-up
-                overheads.append(round_trip - answer["timings"]["total"])
+        generate(sock, 0, 1.0, scratch)  # the warm-up
+        overhead = overhead_ms(sock, requests, 1.0, scratch)
         count, begin = 0, time.perf_counter()
         while time.perf_counter() - begin < STATUS_SECONDS:
             ask(sock, {"command": "status"})
             count += 1
         status_rate = count / (time.perf_counter() - begin)
     finally:
-        daemon.terminate()
-        daemon.wait(60)
-        log.close()
-    return {
-        "ready_s": ready_s,
-        "overhead_ms": 1000 * statistics.median(overheads),
-        "status_per_s": status_rate,
-    }
+        stop_daemons([daemon])
+    return {"ready_s": ready_s, "overhead_ms": overhead, "status_per_s": status_rate}
+
+
+def start_setup(
+    path: str, workers: int, checkpoint: Path, scratch: Path, device: str
+) -> tuple[list[subprocess.Popen], Path]:
+    """`workers` workers behind one daemon's socket, or behind a queue's front (with a
+    `redis-server` of its own on a Unix socket): the processes, the socket to send to."""
+    model = ("--model-dir", str(checkpoint))
+    name = f"{path}{workers}"
+    if path == "socket":
+        daemon, sock = spawn_daemon(
+            scratch, name, *model, "--devices", ",".join([device] * workers)
+        )
+        wait_loaded(daemon, sock)
+        return [daemon], sock
+    redis_sock = scratch / f"{name}-redis.sock"
+    daemons = [
+        subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                "0",
+                "--unixsocket",
+                str(redis_sock),
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--dir",
+                str(scratch),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+    ]
+    while not redis_sock.exists():
+        time.sleep(0.01)
+    queue = ("--queue", f"unix://{redis_sock}")
+    # Worker processes on one CPU share its cores, as the threads of one daemon do.
+    threads = max(1, torch.get_num_threads() // workers) if device == "cpu" else None
+    for index in range(workers):
+        worker, worker_sock = spawn_daemon(
+            scratch, f"{name}-worker{index}", *model, "--device", device, *queue, threads=threads
+        )
+        daemons.append(worker)
+        wait_loaded(worker, worker_sock)
+    front, sock = spawn_daemon(scratch, f"{name}-front", "--front", *queue)
+    daemons.append(front)
+    wait_loaded(front, sock, workers)
+    return daemons, sock
+
+
+def measure_throughput(
+    checkpoint: Path, scratch: Path, jobs: int, duration: float, device: str
+) -> list[dict[str, Any]]:
+    """Jobs per minute (`jobs` requests sent at once) and per-request overhead (one at a
+    time) of 1 and 2 workers, through a daemon's socket and through the queue (those rows
+    only where `redis-server` is installed)."""
+    setups = [("socket", 1), ("socket", 2)]
+    if shutil.which("redis-server"):
+        setups += [("queue", 1), ("queue", 2)]
+    rows = []
+    for path, workers in setups:
+        daemons, sock = start_setup(path, workers, checkpoint, scratch, device)
+        try:
+
+            def one(index: int, sock: Path = sock) -> tuple[float, dict]:
+                return generate(sock, index, duration, scratch)
+
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(one, range(workers)))  # the warm-up of every worker
+                begin = time.perf_counter()
+                list(pool.map(one, range(jobs)))
+                elapsed = time.perf_counter() - begin
+            overhead = overhead_ms(sock, max(jobs // 2, 1), duration, scratch)
+        finally:
+            stop_daemons(daemons[::-1])  # the front first, the queue's server last
+        rows.append(
+            {
+                "path": path,
+                "workers": workers,
+                "jobs": jobs,
+                "jobs_per_min": 60 * jobs / elapsed,
+                "overhead_ms": overhead,
+            }
+        )
+    return rows
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -645,6 +764,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"{d['overhead_ms']:.1f} ms per request (round trip − the job's time in the worker), "
             f"`status` {d['status_per_s']:.0f} requests/s",
         ]
+    if "throughput" in report:
+        rows = report["throughput"]
+        lines += [
+            "",
+            f"Throughput ({rows[0]['jobs']} jobs of {report['throughput_duration_s']:g} s sent at "
+            "once; overhead: round trip − the job's time in the worker, one request at a time):",
+            "",
+            "| path | workers | jobs/min | overhead (ms) |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {row['path']} | {row['workers']} | {row['jobs_per_min']:.1f} "
+            f"| {row['overhead_ms']:.1f} |"
+            for row in rows
+        ]
+        if not any(row["path"] == "queue" for row in rows):
+            lines.append("(no redis-server here: the queue rows are left out)")
     if "lm" in report:
         lines += lm_markdown(report["lm"])
     return "\n".join(lines)
@@ -674,6 +810,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, help="official ACE-Step 1.5 checkout")
     parser.add_argument("--reference-python", default=sys.executable)
     parser.add_argument("--daemon-requests", type=int, default=DAEMON_REQUESTS)
+    parser.add_argument(
+        "--throughput",
+        type=int,
+        default=THROUGHPUT_JOBS,
+        metavar="JOBS",
+        help="jobs sent at once for the throughput table (0: none)",
+    )
+    parser.add_argument(
+        "--throughput-duration", type=float, default=THROUGHPUT_DURATION_S, metavar="SECONDS"
+    )
     add_lm_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -735,6 +881,13 @@ def main(argv: list[str] | None = None) -> int:
             report["durations"].append({"duration_s": duration, **row})
         if args.daemon_requests > 0 and not args.lm_only:
             report["daemon"] = measure_daemon(tiny, scratch, args.daemon_requests)
+        if args.throughput > 0 and not args.lm_only:
+            del pipeline  # the workers load their own
+            pipeline = None
+            report["throughput_duration_s"] = args.throughput_duration
+            report["throughput"] = measure_throughput(
+                checkpoint, scratch, args.throughput, args.throughput_duration, args.device
+            )
         lm = lm_under_test(args, tiny, scratch)
         if lm is not None:
             del pipeline  # one model in memory at a time

@@ -50,19 +50,41 @@ def send(path: Path, data: bytes, *, timeout: float = 120.0) -> list[bytes]:
     return b"".join(chunks).splitlines(keepends=True)
 
 
-def wait_running(sock: socket.socket) -> None:
-    """Read a progress client's lines up to the first one of a running stage (not "queued").
+def read_line(sock: socket.socket) -> dict[str, Any]:
+    """One answer line, byte by byte (the rest stays in the socket)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = sock.recv(1)
+        assert byte, f"the daemon closed the connection after {line!r}"
+        line += byte
+    return json.loads(line)
 
-    Reads byte by byte, so that the rest of the answer stays in the socket.
-    """
-    while True:
-        line = b""
-        while not line.endswith(b"\n"):
-            byte = sock.recv(1)
-            assert byte, f"the daemon closed the connection after {line!r}"
-            line += byte
-        if json.loads(line).get("progress", {}).get("stage") != "queued":
-            return
+
+@contextmanager
+def progress_client(path: Path, request: dict[str, Any]) -> Iterator[socket.socket]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(path))
+        client.sendall(json.dumps(request).encode() + b"\n")
+        client.shutdown(socket.SHUT_WR)
+        yield client
+
+
+def until_running(client: socket.socket) -> str:
+    """The job's id (from its queued line), once a running stage's progress line came."""
+    line = read_line(client)
+    assert "progress" in line, line
+    queued = line["progress"]
+    assert queued["stage"] == "queued", queued
+    while read_line(client)["progress"]["stage"] == "queued":
+        pass
+    return queued["id"]
+
+
+def wait_running(sock: socket.socket) -> None:
+    """Read a progress client's lines up to the first one of a running stage (not "queued");
+    the rest of the answer stays in the socket."""
+    while read_line(sock).get("progress", {}).get("stage") == "queued":
+        pass
 
 
 @contextmanager

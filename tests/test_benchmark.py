@@ -19,7 +19,7 @@ def run(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACESTEP_")}
     command = [sys.executable, str(SCRIPT), "--model", "tiny", "--durations", "1"]
     done = subprocess.run(
-        [*command, "--repeats", "1", "--daemon-requests", "2", *args],
+        [*command, "--repeats", "1", "--daemon-requests", "2", "--throughput", "0", *args],
         capture_output=True,
         text=True,
         env=env | {"HF_HUB_OFFLINE": "1"},
@@ -72,6 +72,21 @@ def test_tiny_benchmark_json_has_stage_times_memory_and_daemon_figures() -> None
     assert ours["codes"] == 5  # 5 codes per second of song
     assert ours["thought_tokens"] > 10 and ours["thought_tok_s"] > 0 and ours["codes_per_s"] > 0
     assert ours["peak_gib"] > 0 and ours["load_s"] > 0
+
+
+def test_throughput_table_has_socket_and_queue_rows_for_one_and_two_workers() -> None:
+    args = ("--lm", "none", "--daemon-requests", "0", "--throughput", "2")
+    out = run(*args, "--throughput-duration", "1")
+    assert "| path | workers | jobs/min | overhead (ms) |" in out
+    rows = [line.split("|")[1:5] for line in out.splitlines() if line.startswith("| socket")]
+    rows += [line.split("|")[1:5] for line in out.splitlines() if line.startswith("| queue")]
+    assert [(path.strip(), int(workers)) for path, workers, _, _ in rows] == [
+        ("socket", 1),
+        ("socket", 2),
+        ("queue", 1),
+        ("queue", 2),
+    ]
+    assert all(float(rate) > 0 and float(overhead) > 0 for _, _, rate, overhead in rows)
 
 
 def test_lm_none_skips_the_planner_and_lm_only_skips_the_rest() -> None:

@@ -9,15 +9,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 import soundfile
 
-from tests.daemon_harness import REPO, Daemon, ask, running, spawn
+from tests.daemon_harness import (
+    REPO,
+    Daemon,
+    ask,
+    progress_client,
+    read_line,
+    running,
+    spawn,
+    until_running,
+)
 
 LONG = {"duration_s": 60, "progress": True}
 ACESTEP_REQUEST = (sys.executable, "-m", "acestep_daemon", "request")
@@ -29,34 +37,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
     args = ("--model-dir", str(tiny_checkpoint), "--devices", "cpu,cpu", "--queue-limit", "4")
     with running(tmp, *args) as d:
         yield d
-
-
-def read_line(sock: socket.socket) -> dict[str, Any]:
-    """One answer line, byte by byte (the rest stays in the socket)."""
-    line = b""
-    while not line.endswith(b"\n"):
-        byte = sock.recv(1)
-        assert byte, f"the daemon closed the connection after {line!r}"
-        line += byte
-    return json.loads(line)
-
-
-@contextmanager
-def progress_client(path: Path, request: dict[str, Any]) -> Iterator[socket.socket]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        client.connect(str(path))
-        client.sendall(json.dumps(request).encode() + b"\n")
-        client.shutdown(socket.SHUT_WR)
-        yield client
-
-
-def until_running(client: socket.socket) -> str:
-    """The job's id (from its queued line), once a running stage's progress line came."""
-    queued = read_line(client)["progress"]
-    assert queued["stage"] == "queued", queued
-    while read_line(client)["progress"]["stage"] == "queued":
-        pass
-    return queued["id"]
 
 
 def final(client: socket.socket) -> dict[str, Any]:
