@@ -3,7 +3,8 @@
 `QueueFront` stands where the `GenerationManager` stands in a daemon with its own
 pipelines (`acestep serve --front --queue URL`), with the same surface to the connection
 code: `submit` returns a `JobHandle`, `cancel`, `find`, `jobs`, `status`. It loads no
-model. An accepted job is one transaction: the entry on the model's jobs stream (its
+model. An accepted job is one transaction: the entry on its jobs stream (the model's, or
+that of its adapters; its
 parameters, the extension of its file, the bytes of its input files) and the job in this
 front's hash. A thread per job follows the job's reply stream from its start, forwards the
 progress, and on `done` writes the worker's encoded file(s) at the client's path(s), so
@@ -18,7 +19,6 @@ import logging
 import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +31,13 @@ from acestep_daemon.audio import write_encoded
 from acestep_daemon.errors import AceStepError, InvalidRequest, remote_error
 from acestep_daemon.jobqueue import Keys, QueueUnavailable
 from acestep_daemon.manager import (
-    REMEMBERED_JOBS,
     Counters,
+    EndedJobs,
     Job,
     JobHandle,
     QueueFull,
     ShuttingDown,
-    abbreviate,
-    ending,
+    job_summary,
     joined,
 )
 from acestep_daemon.options import QUEUE_LIMIT
@@ -87,7 +86,11 @@ class QueueFront:
         self.counters = Counters()
         self._lock = threading.Lock()
         self._active: dict[str, JobHandle] = {}
-        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._stream_of: dict[str, str] = {}
+        """The jobs stream of each active job."""
+        self._adapter_streams: set[str] = set()
+        """Adapter streams known to exist, with their group."""
+        self._ended = EndedJobs()
         self._followers: list[threading.Thread] = []
         self._stopping = False
         self._closed = threading.Event()
@@ -112,11 +115,11 @@ class QueueFront:
             params = GenerationParams.model_construct(**record["params"])
             handle = JobHandle(Job(params, Path(record["output"])), id=job_id.decode())
             logger.info("following job %s again (accepted before a restart)", handle.id)
-            self._follow(handle)
+            self._follow(handle, record["stream"])
         on_loaded({"serving": f"the queue {self.url} ({self.keys.jobs})"})
 
     def submit(self, job: Job) -> JobHandle:
-        """Put a job on the queue (with this front's record of it) and follow it."""
+        """Put a job on its stream (with this front's record of it) and follow it."""
         handle = JobHandle(job)
         with self._lock:
             if self._stopping:
@@ -124,18 +127,23 @@ class QueueFront:
             if len(self._active) >= self.queue_limit:
                 raise QueueFull(len(self._active), self.queue_limit)
         fields = self._entry(handle)
-        record = {"output": str(job.output), "params": _params_json(job.params)}
+        stream = self.keys.jobs_for([adapter.path for adapter in job.params.adapters])
+        record = {"output": str(job.output), "params": _params_json(job.params), "stream": stream}
         try:
-            ahead = self.client.xlen(self.keys.jobs)
+            if stream != self.keys.jobs and stream not in self._adapter_streams:
+                jobqueue.create_group(self.client, stream)
+                self.client.sadd(self.keys.streams, stream)
+                self._adapter_streams.add(stream)
+            ahead = self.client.xlen(stream)
             with self.client.pipeline(transaction=True) as batch:
-                batch.xadd(self.keys.jobs, fields)
+                batch.xadd(stream, fields)
                 batch.hset(self.keys.front(self.name), handle.id, json.dumps(record))
                 batch.execute()
         except redis.RedisError as error:
             raise QueueUnavailable(f"the queue {self.url} failed: {error}") from error
         workers = sum(len(status) for _, status in self._worker_statuses())
         handle.position = max(0, ahead - max(workers - 1, 0))  # as the manager counts
-        self._follow(handle)
+        self._follow(handle, stream)
         return handle
 
     def cancel(self, handle: JobHandle, reason: AceStepError) -> bool:
@@ -148,8 +156,9 @@ class QueueFront:
             self.client.set(keys.cancel(handle.id), "1", ex=jobqueue.REPLY_TTL_S)
             if handle.worker is not None:
                 return False
-            entry = self._entry_of(handle.id)
-            if entry is None or not self.client.xdel(keys.jobs, entry):
+            stream = self._stream_of.get(handle.id)
+            entry = None if stream is None else self._entry_of(stream, handle.id)
+            if entry is None or not self.client.xdel(stream, entry):
                 return False
         except redis.RedisError as error:
             logger.warning("could not cancel job %s: %s", handle.id, error)
@@ -169,16 +178,8 @@ class QueueFront:
             handles = list(self._active.values())
         running = [h for h in handles if h.worker is not None]
         waiting = [h for h in handles if h.worker is None]
-        return [
-            {
-                "id": handle.id,
-                "state": "running" if handle.worker is not None else "queued",
-                "position": handle.position if handle.worker is None else 0,
-                "worker": handle.worker,
-                "caption": abbreviate(handle.job.params.caption),
-                "duration_s": handle.job.params.duration_s,
-            }
-            for handle in running + waiting
+        return [job_summary(handle, "running", 0) for handle in running] + [
+            job_summary(handle, "queued", handle.position) for handle in waiting
         ]
 
     def command(self, name: str, on_done: Callable[[dict[str, Any] | BaseException], None]) -> None:
@@ -204,7 +205,8 @@ class QueueFront:
             stopping = self._stopping
             mine = len(self._active)
         try:
-            depth = self.client.xlen(self.keys.jobs)
+            streams = [self.keys.jobs, *self.client.smembers(self.keys.streams)]
+            depth = sum(self.client.xlen(stream) for stream in streams)
         except redis.RedisError:
             depth = None
         return {
@@ -281,9 +283,10 @@ class QueueFront:
                     raise InvalidRequest(f"cannot read {name} {path}: {error.strerror}") from None
         return fields
 
-    def _follow(self, handle: JobHandle) -> None:
+    def _follow(self, handle: JobHandle, stream: str) -> None:
         with self._lock:
             self._active[handle.id] = handle
+            self._stream_of[handle.id] = stream
         thread = threading.Thread(
             target=self._follow_replies, args=(handle,), name=f"follow-{handle.id}", daemon=True
         )
@@ -338,9 +341,8 @@ class QueueFront:
         handle._finish(outcome)  # type: ignore[arg-type]
         with self._lock:
             self._active.pop(handle.id, None)
-            self._ended[handle.id] = ending(handle.result)
-            while len(self._ended) > REMEMBERED_JOBS:
-                self._ended.popitem(last=False)
+            self._stream_of.pop(handle.id, None)
+            self._ended.remember(handle.id, handle.result)
         try:
             with self.client.pipeline(transaction=True) as batch:
                 batch.hdel(self.keys.front(self.name), handle.id)
@@ -351,9 +353,9 @@ class QueueFront:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _entry_of(self, job_id: str) -> bytes | None:
-        """The jobs-stream entry of `job_id` still waiting there, if any."""
-        for entry, fields in self.client.xrange(self.keys.jobs):
+    def _entry_of(self, stream: str, job_id: str) -> bytes | None:
+        """The entry of `job_id` still waiting on `stream`, if any."""
+        for entry, fields in self.client.xrange(stream):
             if jobqueue.text(fields, "id") == job_id:
                 return entry
         return None

@@ -1,7 +1,10 @@
 """The job queue of several machines, on Redis Streams: its keys and its messages.
 
-One stream per served model, `{prefix}:jobs:{model}`, holds the jobs. Its consumer
-group `workers` gives each entry to one worker, which acknowledges it only after it has
+One stream per served model, `{prefix}:jobs:{model}`, holds its jobs without adapters;
+jobs with adapters go to a stream per set of adapter files, `{prefix}:jobs:{model}@{digest}`
+(listed in the set `{prefix}:streams:{model}`), so that a worker can look first where the
+adapters it holds are asked for. Each stream's consumer group `workers` gives each entry to
+one worker, which acknowledges it only after it has
 posted the answer: the entry of a worker that died stays pending and another worker
 claims it once it has been idle for `claim_idle_s` (XAUTOCLAIM). A worker keeps the
 entries it runs fresh by re-claiming them every few seconds.
@@ -19,9 +22,11 @@ status in the hash `{prefix}:workers:{model}` every `STATUS_EVERY_S`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -62,6 +67,18 @@ class Keys:
         return f"{self.prefix}:jobs:{self.model}"
 
     @property
+    def streams(self) -> str:
+        """The set of this model's adapter streams."""
+        return f"{self.prefix}:streams:{self.model}"
+
+    def jobs_for(self, adapters: Sequence[str]) -> str:
+        """The stream of jobs with these adapter files (the model's own without any)."""
+        if not adapters:
+            return self.jobs
+        digest = hashlib.sha1("\n".join(sorted(adapters)).encode()).hexdigest()[:12]
+        return f"{self.jobs}@{digest}"
+
+    @property
     def workers(self) -> str:
         return f"{self.prefix}:workers:{self.model}"
 
@@ -83,13 +100,19 @@ def connect(url: str, keys: Keys) -> redis.Redis:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=5.0, health_check_interval=30)
         client.ping()
-        client.xgroup_create(keys.jobs, GROUP, id="0", mkstream=True)
-    except redis.ResponseError as error:
-        if "BUSYGROUP" not in str(error):  # the group exists already: fine
-            raise QueueUnavailable(f"queue {redacted(url)}: {error}") from error
+        create_group(client, keys.jobs)
     except (redis.RedisError, ValueError) as error:
         raise QueueUnavailable(f"cannot reach the queue {redacted(url)}: {error}") from error
     return client
+
+
+def create_group(client: redis.Redis, stream: str) -> None:
+    """The workers' group on `stream` (and the stream), unless they exist already."""
+    try:
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as error:
+        if "BUSYGROUP" not in str(error):
+            raise
 
 
 def redacted(url: str) -> str:

@@ -138,6 +138,33 @@ class JobHandle:
                 self.result.set_result(outcome)
 
 
+def job_summary(handle: JobHandle, state: str, position: int) -> dict[str, Any]:
+    """One job of the `jobs` command's list."""
+    return {
+        "id": handle.id,
+        "state": state,
+        "position": position,
+        "worker": handle.worker,
+        "caption": abbreviate(handle.job.params.caption),
+        "duration_s": handle.job.params.duration_s,
+    }
+
+
+class EndedJobs:
+    """How the last `REMEMBERED_JOBS` jobs ended, by id (guarded by its owner's lock)."""
+
+    def __init__(self) -> None:
+        self._endings: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, job_id: str, result: Future[JobResult]) -> None:
+        self._endings[job_id] = ending(result)
+        while len(self._endings) > REMEMBERED_JOBS:
+            self._endings.popitem(last=False)
+
+    def get(self, job_id: str) -> str | None:
+        return self._endings.get(job_id)
+
+
 def ending(result: Future[JobResult]) -> str:
     """How a finished job ended: "ok", "cancelled" or "failed"."""
     error = result.exception()
@@ -401,7 +428,7 @@ class GenerationManager:
         self._cond = threading.Condition()
         self._load_lock = threading.Lock()
         self._jobs: deque[JobHandle] = deque()
-        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._ended = EndedJobs()
         self._stopping = False
         self._model_dir: str | None = None
         self._model: str | None = None
@@ -478,17 +505,7 @@ class GenerationManager:
             queued = [
                 (handle, "queued", self._must_end_before(i)) for i, handle in enumerate(self._jobs)
             ]
-            return [
-                {
-                    "id": handle.id,
-                    "state": state,
-                    "position": position,
-                    "worker": handle.worker,
-                    "caption": abbreviate(handle.job.params.caption),
-                    "duration_s": handle.job.params.duration_s,
-                }
-                for handle, state, position in running + queued
-            ]
+            return [job_summary(*job) for job in running + queued]
 
     def command(self, name: str, on_done: Callable[[dict[str, Any] | BaseException], None]) -> None:
         """`load` / `unload`, run by every worker ahead of queued jobs; answered once all have."""
@@ -615,9 +632,7 @@ class GenerationManager:
 
     def _remember(self, job_id: str, result: Future[JobResult]) -> None:
         with self._cond:
-            self._ended[job_id] = ending(result)
-            while len(self._ended) > REMEMBERED_JOBS:
-                self._ended.popitem(last=False)
+            self._ended.remember(job_id, result)
 
     def _count(self, name: str) -> None:
         with self._cond:

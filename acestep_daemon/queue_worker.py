@@ -2,7 +2,9 @@
 
 `QueuePuller` runs beside the socket server (`acestep serve --queue URL`). Its thread
 takes an entry only while the manager has an idle worker: first one whose worker died
-(pending longer than `claim_idle_s`), else a new one. The job runs through the same
+(pending longer than `claim_idle_s`), else a new one — from the streams of the adapters
+this daemon ran last (they are still in its cache), then from the model's own stream,
+then from the other adapter streams. The job runs through the same
 `GenerationManager` as a socket request, writing into a private folder; its progress and
 its answer, with the encoded file(s), go to the job's reply stream, and only then is the
 entry acknowledged. Every few seconds the thread re-claims the entries it runs (so that
@@ -21,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from typing import Any
 import redis
 
 from acestep_daemon import jobqueue
+from acestep_daemon.adapters import ADAPTER_CACHE_SIZE
 from acestep_daemon.connection import wire_error
 from acestep_daemon.constants import OUTPUT_EXTENSIONS
 from acestep_daemon.errors import Cancelled, InvalidRequest
@@ -55,10 +59,19 @@ IDLE_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
+class _Entry:
+    """One entry of a jobs stream."""
+
+    stream: str
+    id: bytes
+    fields: dict[bytes, bytes]
+
+
+@dataclass(frozen=True)
 class _Taken:
     """An entry this daemon runs, and its job in the manager."""
 
-    entry: bytes
+    entry: _Entry
     handle: JobHandle
 
 
@@ -88,6 +101,10 @@ class QueuePuller:
         self._folder = Path(tempfile.mkdtemp(prefix="acestep-queue-"))
         self._thread = threading.Thread(target=self._pull, name="acestep-queue", daemon=True)
         self._last_watch = 0.0
+        self._streams = [keys.jobs]
+        """Every jobs stream of the model: its own, then the adapter streams."""
+        self._warm: deque[str] = deque(maxlen=ADAPTER_CACHE_SIZE)
+        """The adapter streams of the jobs run last, the latest last."""
 
     def start(self) -> None:
         logger.info("taking %s jobs from %s as %s", self.model, self.keys.jobs, self.consumer)
@@ -105,11 +122,12 @@ class QueuePuller:
         self._thread.join(timeout)
         with contextlib.suppress(redis.RedisError):
             self.client.hdel(self.keys.workers, self.consumer)
-            pending = self.client.xpending_range(
-                self.keys.jobs, GROUP, min="-", max="+", count=1, consumername=self.consumer
-            )
-            if not pending:
-                self.client.xgroup_delconsumer(self.keys.jobs, GROUP, self.consumer)
+            for stream in self._streams:
+                pending = self.client.xpending_range(
+                    stream, GROUP, min="-", max="+", count=1, consumername=self.consumer
+                )
+                if not pending:
+                    self.client.xgroup_delconsumer(stream, GROUP, self.consumer)
         shutil.rmtree(self._folder, ignore_errors=True)
 
     # -- the pulling thread ---------------------------------------------------------------
@@ -124,7 +142,7 @@ class QueuePuller:
                     continue
                 entry = self._claim_stale() or self._read_new()
                 if entry is not None:
-                    self._take(*entry)
+                    self._take(entry)
             except redis.RedisError as error:
                 logger.warning("queue: %s; trying again in a second", error)
                 self._closed.wait(1.0)
@@ -132,33 +150,50 @@ class QueuePuller:
     def _heartbeat_s(self) -> float:
         return min(max(self.claim_idle_s / 3, 0.2), jobqueue.STATUS_EVERY_S)
 
-    def _claim_stale(self) -> tuple[bytes, dict[bytes, bytes]] | None:
-        """An entry pending longer than `claim_idle_s`: its worker died."""
+    def _claim_stale(self) -> _Entry | None:
+        """An entry pending longer than `claim_idle_s`: its worker died or let it go."""
         idle_ms = int(self.claim_idle_s * 1000)
-        _, claimed, _ = self.client.xautoclaim(
-            self.keys.jobs, GROUP, self.consumer, idle_ms, start_id="0-0", count=1
-        )
-        for entry, fields in claimed:
-            if fields:
-                logger.info("queue: took over entry %s from a worker gone silent", entry.decode())
-                return entry, fields
+        for stream in self._streams:
+            _, claimed, _ = self.client.xautoclaim(
+                stream, GROUP, self.consumer, idle_ms, start_id="0-0", count=1
+            )
+            for entry, fields in claimed:
+                if fields:
+                    logger.info("queue: took over entry %s of %s", entry.decode(), stream)
+                    return _Entry(stream, entry, fields)
         return None
 
-    def _read_new(self) -> tuple[bytes, dict[bytes, bytes]] | None:
-        block_ms = int(self._heartbeat_s() * 1000)
-        answer = self.client.xreadgroup(
-            GROUP, self.consumer, {self.keys.jobs: ">"}, count=1, block=block_ms
-        )
-        for _, entries in answer or []:
-            for entry, fields in entries:
-                return entry, fields
-        return None
+    def _read_new(self) -> _Entry | None:
+        """The first new entry of the streams in order of preference; if none has one, wait
+        a heartbeat for one on any."""
+        warm = [stream for stream in reversed(self._warm) if stream in self._streams]
+        preferred = [*warm, *(s for s in self._streams if s not in warm)]
+        for stream in preferred:
+            found = self._read({stream: ">"}, block_ms=None)
+            if found:
+                return found[0]
+        found = self._read(dict.fromkeys(preferred, ">"), int(self._heartbeat_s() * 1000))
+        for extra in found[1:]:  # entries arrived on several streams at once: keep one
+            logger.info("queue: letting entry %s of %s go", extra.id.decode(), extra.stream)
+            stale_ms = int(self.claim_idle_s * 1000) + 1  # claimable at once, by anyone
+            self.client.xclaim(
+                extra.stream, GROUP, self.consumer, 0, [extra.id], idle=stale_ms, justid=True
+            )
+        return found[0] if found else None
 
-    def _take(self, entry: bytes, fields: dict[bytes, bytes]) -> None:
+    def _read(self, streams: dict[str, str], block_ms: int | None) -> list[_Entry]:
+        answer = self.client.xreadgroup(GROUP, self.consumer, streams, count=1, block=block_ms)
+        return [
+            _Entry(stream.decode(), entry, fields)
+            for stream, entries in answer or []
+            for entry, fields in entries
+        ]
+
+    def _take(self, entry: _Entry) -> None:
         """Submit one entry's job to the manager, or answer it at once when it cannot run."""
-        job_id = jobqueue.text(fields, "id")
+        job_id = jobqueue.text(entry.fields, "id")
         if not job_id or not JOB_ID.fullmatch(job_id):
-            logger.warning("queue: dropping entry %s without a usable job id", entry.decode())
+            logger.warning("queue: dropping entry %s without a usable job id", entry.id.decode())
             self._answer(entry, None, {})
             return
         if self.client.exists(self.keys.done(job_id)):
@@ -169,7 +204,7 @@ class QueuePuller:
             self._answer(entry, job_id, wire_error(Cancelled(f"job {job_id} was cancelled")))
             return
         try:
-            job = self._job(job_id, fields)
+            job = self._job(job_id, entry.fields)
         except (InvalidRequest, ValueError, KeyError) as error:
             logger.info("queue: job %s refused: %s", job_id, error)
             self._answer(entry, job_id, wire_error(InvalidRequest(str(error))))
@@ -183,7 +218,7 @@ class QueuePuller:
         self._post(job_id, "taken", {"worker": self.consumer, "position": handle.position})
         handle.on_progress(lambda stage, step, of: self._progress(job_id, stage, step, of))
         handle.result.add_done_callback(lambda result: self._finished(entry, job_id, result))
-        logger.info("queue: job %s taken", job_id)
+        logger.info("queue: job %s taken from %s", job_id, entry.stream)
 
     def _job(self, job_id: str, fields: dict[bytes, bytes]) -> Job:
         """The entry's job, its input files written into the private folder."""
@@ -204,15 +239,19 @@ class QueuePuller:
         return Job(params, self._folder / f"{job_id}{suffix}")
 
     def _watch(self) -> None:
-        """Every heartbeat: re-claim the running entries, pass on cancels, publish status."""
+        """Every heartbeat: re-claim the running entries, pass on cancels, publish status,
+        learn the adapter streams."""
         if time.monotonic() - self._last_watch < self._heartbeat_s():
             return
         self._last_watch = time.monotonic()
+        adapter_streams = sorted(s.decode() for s in self.client.smembers(self.keys.streams))
+        self._streams = [self.keys.jobs, *adapter_streams]
         with self._lock:
             taken = list(self._taken.items())
         if taken:
-            entries = [t.entry for _, t in taken]
-            self.client.xclaim(self.keys.jobs, GROUP, self.consumer, 0, entries, justid=True)
+            for _, t in taken:
+                entry = t.entry
+                self.client.xclaim(entry.stream, GROUP, self.consumer, 0, [entry.id], justid=True)
             with self.client.pipeline(transaction=False) as batch:
                 for job_id, _ in taken:
                     batch.exists(self.keys.cancel(job_id))
@@ -230,7 +269,7 @@ class QueuePuller:
         with contextlib.suppress(redis.RedisError):
             self._post(job_id, "progress", {"stage": stage, "step": step, "of": of})
 
-    def _finished(self, entry: bytes, job_id: str, result: Future[JobResult]) -> None:
+    def _finished(self, entry: _Entry, job_id: str, result: Future[JobResult]) -> None:
         with self._lock:
             self._taken.pop(job_id, None)
         self._job_ended.set()
@@ -242,13 +281,17 @@ class QueuePuller:
             self._answer(entry, job_id, wire_error(error))
             return
         outcome = result.result()
+        if entry.stream != self.keys.jobs:
+            with contextlib.suppress(ValueError):
+                self._warm.remove(entry.stream)
+            self._warm.append(entry.stream)
         audio = [path.read_bytes() for path in outcome.files]
         for path in outcome.files:
             path.unlink(missing_ok=True)
         self._answer(entry, job_id, outcome.answer(), audio)
 
     def _answer(
-        self, entry: bytes, job_id: str | None, answer: dict[str, Any], audio: list[bytes] = ()
+        self, entry: _Entry, job_id: str | None, answer: dict[str, Any], audio: list[bytes] = ()
     ) -> None:
         """Post the answer, mark the job done and acknowledge its entry, in one transaction
         (`job_id` None: only acknowledge)."""
@@ -263,8 +306,8 @@ class QueuePuller:
                     batch.expire(keys.reply(job_id), jobqueue.REPLY_TTL_S)
                     code = answer.get("code", "ok")
                     batch.set(keys.done(job_id), code, ex=jobqueue.REPLY_TTL_S)
-                batch.xack(keys.jobs, GROUP, entry)
-                batch.xdel(keys.jobs, entry)
+                batch.xack(entry.stream, GROUP, entry.id)
+                batch.xdel(entry.stream, entry.id)
                 batch.execute()
         except redis.RedisError as error:
             logger.error("queue: could not post the answer of job %s: %s", job_id, error)

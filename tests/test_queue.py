@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import pytest
 import redis
 import soundfile
 
+from acestep_daemon.tiny import dit_config, make_tiny_lora
 from tests.daemon_harness import Daemon, ask, progress_client, read_line, spawn, until_running
 
 pytestmark = pytest.mark.skipif(
@@ -295,3 +297,59 @@ def test_a_front_killed_and_restarted_still_writes_the_file(farm: Farm) -> None:
     while farm.queue.hlen(hash_key) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not farm.queue.hlen(hash_key)
+
+
+def test_a_job_with_adapters_goes_to_the_worker_that_holds_them(farm: Farm) -> None:
+    lora = str(make_tiny_lora(farm.tmp / "lora", dit_config("turbo")))
+    front = farm.front()
+    warm = farm.worker("one")
+    first = front.ask({"caption": "a", "duration_s": 5, "lora": lora})
+    assert first["ok"] and first["worker"] == worker_name(warm)
+    cold = farm.worker("two")
+
+    with ExitStack() as stack:  # both workers busy; then a plain job, then one with the LoRA
+        busy = [stack.enter_context(progress_client(front.socket, LONG)) for _ in range(2)]
+        busy_ids = [until_running(client) for client in busy]
+        answers: dict[str, dict[str, Any]] = {}
+
+        def request(name: str, extra: dict[str, Any]) -> None:
+            answers[name] = front.ask({"caption": name, "duration_s": 5, **extra}, timeout=300)
+
+        threads = [
+            threading.Thread(target=request, args=("plain", {})),
+            threading.Thread(target=request, args=("adapted", {"lora": lora})),
+        ]
+        for thread in threads:
+            thread.start()
+            until_queued(front, len(busy) + threads.index(thread) + 1)
+        # The warm worker frees up first: it takes the LoRA job, queued after the plain one.
+        on = {job["id"]: job["worker"] for job in front.ask({"command": "jobs"})["jobs"]}
+        busy_ids.sort(key=lambda job_id: on[job_id] != worker_name(warm))
+        assert front.ask({"command": "cancel", "id": busy_ids[0]})["ok"]
+        until_running_on(front, worker_name(warm))
+        assert front.ask({"command": "cancel", "id": busy_ids[1]})["ok"]
+        for thread in threads:
+            thread.join()
+    assert answers["adapted"]["ok"] and answers["plain"]["ok"], answers
+    assert answers["adapted"]["worker"] == worker_name(warm)
+    assert answers["adapted"]["adapters"] == [{"path": lora, "scale": 1.0, "kind": "lora"}]
+    assert answers["plain"]["worker"] == worker_name(cold)
+
+
+def until_queued(front: Daemon, count: int) -> None:
+    """Until the front has `count` jobs."""
+    deadline = time.monotonic() + 30
+    while len(front.ask({"command": "jobs"})["jobs"]) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def until_running_on(front: Daemon, worker: str) -> None:
+    """Until the front has a running job on `worker`."""
+    deadline = time.monotonic() + 30
+    while not any(
+        job["state"] == "running" and job["worker"] == worker
+        for job in front.ask({"command": "jobs"})["jobs"]
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
