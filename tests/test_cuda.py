@@ -1,9 +1,9 @@
 """The CUDA path on the tiny checkpoint (`pytest -m cuda`; each test skips without a GPU).
 
 The default home of the daemon is CUDA in bfloat16; these tests run it for real there: the
-DiT and the whole pipeline against the fp32 results, the mask-free attention through the
-flash kernel, the daemon's answers and its out-of-memory fallback, and the VAE's peak memory
-as the audio gets longer. `scripts/device-check` runs them on a lent GPU.
+DiT and the whole pipeline against the fp32 results, the float16 lyric encoder, the mask-free
+attention through the flash kernel, the daemon's answers and its out-of-memory fallback, and
+the VAE's peak memory as the audio gets longer. `scripts/device-check` runs them on a lent GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 import torch
 from model_fixtures import TINY, load_tiny_model, relative_error
 from safetensors.torch import load_file
+from test_model_fp16 import overflowing_lyric_encoder
 from test_model_sampler import bf16_error_budget, load_fp32_result
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -92,6 +93,20 @@ def test_mask_free_attention_runs_in_the_flash_kernel_and_equals_the_dense_masks
     fp32 = tiny_generation(load_tiny_model(sliding_window=64), torch.device("cpu"), torch.float32)
     for out in (flash, masked):  # and each is as near the fp32 run as bf16 allows
         assert relative_error(out, fp32) <= bf16_error_budget()
+
+
+@torch.no_grad()
+def test_float16_lyric_encoder_on_cuda_is_finite_where_its_last_projection_overflows() -> None:
+    """GPUs without bf16 run float16: the overflowing last projection (see
+    test_model_fp16.py) runs in float32 on CUDA's kernels too."""
+    encoder, hidden, mask = overflowing_lyric_encoder()
+    reference = encoder(hidden, mask)
+    half = encoder.to(CUDA, torch.float16)
+
+    out = half(hidden.to(CUDA, torch.float16), mask.to(CUDA)).float().cpu()
+
+    assert torch.isfinite(out).all()
+    assert relative_error(out, reference) < 1e-2
 
 
 def test_pipeline_in_bf16_on_cuda_tracks_the_cpu_fp32_run(tiny_checkpoint: Path) -> None:

@@ -20,8 +20,14 @@ class EncoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cos_sin: Rope) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, cos_sin: Rope, float32_output: bool = False
+    ) -> torch.Tensor:
+        """x [B, S, D] -> [B, S, D]; with `float32_output` the MLP's output projection and the
+        last residual sum are float32 (and so is the result)."""
         x = x + self.self_attn(self.input_layernorm(x), mask, cos_sin)
+        if float32_output:
+            return x.float() + self.mlp.float32_output(self.post_attention_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -36,29 +42,47 @@ class EncoderStack(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def run_layers(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        key_padding: torch.Tensor | None = None,
+        float32_last_projection: bool = False,
+    ) -> torch.Tensor:
         """Layers + final norm over x [B, S, D] (RoPE positions 0..S-1) -> [B, S, D].
 
-        key_padding [B, S] (0 = ignore as key) is combined with every layer's mask.
+        key_padding [B, S] (0 = ignore as key) is combined with every layer's mask. With
+        `float32_last_projection` the last layer's MLP output projection, the stream after it
+        and the final norm are float32, and so is the result.
         """
         cos_sin = rope(x.shape[1], self.config, x.dtype, x.device)
         full, sliding = self_attention_masks(
             self.config, x.shape[1], x.dtype, x.device, key_padding
         )
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
-            x = layer(x, sliding if self.config.is_sliding(index) else full, cos_sin)
+            mask = sliding if self.config.is_sliding(index) else full
+            x = layer(x, mask, cos_sin, float32_output=float32_last_projection and index == last)
         return self.norm(x)
 
 
 class LyricEncoder(EncoderStack):
-    """Lyric token embeddings (Qwen3 embedding rows) -> contextual lyric states."""
+    """Lyric token embeddings (Qwen3 embedding rows) -> contextual lyric states.
+
+    In float16 the last layer's MLP output projection runs in float32: on the real checkpoints
+    its output reaches about 5e5 while every activation before it stays near 1e4, and float16
+    ends at 65504, so the stream became inf and the final norm NaN (songs with lyrics failed
+    on GPUs without bf16, upstream ACE-Step-1.5 issues #1243 and #1055). The final norm brings
+    the float32 stream back into range; the output is float16 again.
+    """
 
     def __init__(self, config: AceStepConfig) -> None:
         super().__init__(config, config.text_hidden_dim, config.num_lyric_encoder_hidden_layers)
 
     def forward(self, lyric_hidden: torch.Tensor, lyric_mask: torch.Tensor) -> torch.Tensor:
         """lyric_hidden [B, L, Dt], lyric_mask [B, L] -> [B, L, D]; padded keys are masked."""
-        return self.run_layers(self.embed_tokens(lyric_hidden), key_padding=lyric_mask)
+        x = self.embed_tokens(lyric_hidden)  # [B, L, D]
+        half = x.dtype == torch.float16
+        return self.run_layers(x, lyric_mask, float32_last_projection=half).to(x.dtype)
 
 
 class TimbreEncoder(EncoderStack):

@@ -50,6 +50,12 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def float32_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The same MLP with the output projection in float32 (its weight upcast on the fly),
+        for an output that would overflow x's dtype: [..., dim] -> [..., dim] float32."""
+        hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [..., hidden]
+        return F.linear(hidden.float(), self.down_proj.weight.float())
+
 
 class Transpose(nn.Module):
     """Swap time and channels ([B, T, C] <-> [B, C, T]) inside an `nn.Sequential`.
