@@ -27,7 +27,7 @@ from tqdm import tqdm
 from acestep_daemon import client, paths, units
 from acestep_daemon.checkpoint import DEFAULT_LM, LM_SIZES, TINY_LM
 from acestep_daemon.family import DEFAULT_MODEL, MODELS
-from acestep_daemon.options import CLAIM_IDLE_S, QUEUE_PREFIX, ServerOptions
+from acestep_daemon.options import CLAIM_IDLE_S, QUANTIZE_SCHEMES, QUEUE_PREFIX, ServerOptions
 from acestep_daemon.params import Flag
 from acestep_daemon.protocol import GenerateRequest
 
@@ -110,6 +110,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_dtype(p)
     _add_compile(p, defaults.compile)
+    _add_memory(p)
     _add_lm(p)
     p.add_argument(
         "--queue-limit",
@@ -220,6 +221,43 @@ def _add_compile(p: argparse.ArgumentParser, default: bool) -> None:
         help="compile the DiT with torch.compile, warmed up at load "
         f"({'on' if default else 'off'})",
     )
+
+
+def _add_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_SCHEMES,
+        default=None,
+        help="the network's linear weights in 8 bits with torchao: int8 (weight-only on "
+        "CUDA, int8 products on the CPU) or fp8 (weight-only); half of bf16's memory "
+        "(default: off)",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="the text encoder, the 5 Hz LM and the VAE wait on the CPU and visit the GPU "
+        "only for their stage, for small GPUs (default: off)",
+    )
+
+
+def _check_memory_flags(args: argparse.Namespace, devices: list[str]) -> None:
+    """Refuse --offload where nothing runs on a GPU, and --quantize without torchao."""
+    import importlib.util
+
+    import torch
+
+    def on_cpu(name: str) -> bool:
+        return not torch.cuda.is_available() if name == "auto" else torch.device(name).type == "cpu"
+
+    if args.offload and all(on_cpu(name) for name in devices):
+        raise StartupProblem(
+            "--offload keeps the text encoder, LM and VAE off the GPU between their stages; "
+            "this runs on the CPU, where there is nothing to offload"
+        )
+    if args.quantize and importlib.util.find_spec("torchao") is None:
+        raise StartupProblem(
+            "--quantize needs torchao: pip install torchao (a release built for your torch)"
+        )
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -342,6 +380,7 @@ def _serve(args: argparse.Namespace) -> int:
     devices = args.devices or [args.device]
     for device in devices:
         _check_device(device)
+    _check_memory_flags(args, devices)
 
     from acestep_daemon import faults, server
     from acestep_daemon.checkpoint import resolve_checkpoint
@@ -379,6 +418,8 @@ def _serve(args: argparse.Namespace) -> int:
                 lm_size=_lm_size(args),
                 lm_model_dir=model_dir,
                 compile=options.compile,
+                quantize=args.quantize,
+                offload=args.offload,
             )
             if args.lora is not None:
                 pipeline.adapters.get(args.lora[0], pipeline.model)  # fits, or a clear error
@@ -764,6 +805,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     _add_model(p)
     _add_device(p)
     _add_compile(p, ServerOptions.compile)
+    _add_memory(p)
     _add_lm(p)
     p.set_defaults(func=cmd_generate)
 
@@ -786,6 +828,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 2
     model, model_dir = args.model.removeprefix(TINY_PREFIX), args.model_dir
     try:
+        _check_device(args.device)
+        _check_memory_flags(args, [args.device])
+    except StartupProblem as problem:
+        print(f"acestep generate: {problem}", file=sys.stderr)
+        return 2
+    try:
         request = protocol.GenerateRequest.model_validate(request_fields(args))
         output = Path(request.output)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -806,6 +854,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             lm_size=_lm_size(args),
             lm_model_dir=model_dir,
             compile=args.compile,
+            quantize=args.quantize,
+            offload=args.offload,
         )
         loaded = time.perf_counter()
         with _TerminalProgress() as progress:
@@ -898,7 +948,15 @@ answers one JSON line per Unix-socket connection, its client, its systemd units,
 and one-shot generation without a daemon. `acestep SUBCOMMAND --help` for each."""
 
 
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+"""Libraries whose import-time warnings say nothing to a user: torchao (imported by
+transformers whenever it is installed) on a CPU wheel logs each CUDA kernel library it cannot
+load and a missing Triton, and torch's pytree a deprecation meant for torchao's authors."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(
         prog="acestep",
         description=DESCRIPTION,

@@ -82,6 +82,8 @@ class Run:
     fallback: str | None  # "cpu": the request ran on the CPU; "lm-cpu": only its planner did
     oom_retries: int
     vae_chunk_frames: int
+    quantize: str | None = None  # the quantization kind that ran (`Quantization.kind`)
+    offload: bool = False  # whether the text encoder, LM and VAE waited on the CPU
 
     def answer(
         self, path: Path, timings: dict[str, float], takes: list[tuple[Path, int]]
@@ -103,6 +105,8 @@ class Run:
             adapters=self.audio.adapters,
             dcw=self.audio.dcw,
             takes=[(str(take), seed) for take, seed in takes],
+            quantize=self.quantize,
+            offload=self.offload,
         )
 
 
@@ -220,13 +224,17 @@ class MemoryPolicy:
         return self._result(self._on_cpu(params, progress), "cpu")
 
     def _result(self, audio: Audio, fallback: str | None) -> Run:
+        pipeline = self.pipeline
+        device, dtype = self.ran_on or (pipeline.device, pipeline.dtype)
         return Run(
             audio=audio,
-            device=self.ran_on[0] if self.ran_on else self.pipeline.device,
-            dtype=self.ran_on[1] if self.ran_on else self.pipeline.dtype,
+            device=device,
+            dtype=dtype,
             fallback=fallback,
             oom_retries=self.retries,
             vae_chunk_frames=self.chunk,
+            quantize=pipeline.quantization.kind if pipeline.quantization else None,
+            offload=pipeline.offloads_on(device),
         )
 
     def _once(self, params: GenerationParams, progress: ProgressFn) -> Audio:

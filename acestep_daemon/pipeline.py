@@ -27,7 +27,8 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from acestep_daemon.errors import GenerationFailed, InvalidRequest
 from acestep_daemon.family import DEFAULT_MODEL, MODELS, ModelSpec
 from acestep_daemon.model import AceStepModel, DcwSettings, SamplerSettings, sample_guided
 from acestep_daemon.model.lora import adapter_kind, adapters_applied
+from acestep_daemon.model.quantize import Quantization, quantize_linears
 from acestep_daemon.model.sampler import (
     RepaintInputs,
     draw_noise,
@@ -80,6 +82,8 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]
 """(stage, step, of): `step` units of `of` are done; called before each unit and once
 more when the stage is complete (step == of). It may raise to cancel."""
+
+CPU = torch.device("cpu")
 
 REFERENCE_FRAMES = 750
 """Timbre reference length in latent frames (30 s), as upstream."""
@@ -324,6 +328,8 @@ class Pipeline:
         lm_size: str | None = None,
         lm_model_dir: Path | None = None,
         spec: ModelSpec = MODELS[DEFAULT_MODEL],
+        quantization: Quantization | None = None,
+        offload: bool = False,
     ) -> None:
         self.checkpoint = checkpoint
         self.text = text
@@ -340,6 +346,11 @@ class Pipeline:
         self.adapters = AdapterCache()
         self.default_lora: tuple[Path, float] | None = None
         """The adapter of `acestep serve --lora` and its scale, for requests naming none."""
+        self.quantization = quantization
+        """The network's linear weights in 8 bits (`--quantize`); None: the pipeline's dtype."""
+        self.offload = offload
+        """`--offload`: the text encoder, the LM and the VAE wait on the CPU between their
+        stages, off a GPU's memory (on the CPU there is nothing to offload)."""
 
     @classmethod
     def load(
@@ -352,22 +363,32 @@ class Pipeline:
         lm_size: str | None = None,
         lm_model_dir: Path | None = None,
         compile: bool = False,
+        quantize: str | None = None,
+        offload: bool = False,
     ) -> Pipeline:
         """Load the DiT, VAE and text encoder; the LM of `lm_size` loads on first use.
 
         The DiT's config.json decides its architecture; `model` (a `family.MODELS` name) its
-        sampler and defaults. `compile`: see `compile_dit`.
+        sampler and defaults. `compile`: see `compile_dit`. `quantize` ("int8" or "fp8"):
+        the network's linear weights in 8 bits (`model.quantize`). `offload`: the text
+        encoder, the LM and the VAE wait on the CPU and visit the GPU for their stage.
         """
         device = default_device() if str(device) == "auto" else torch.device(device)
         dtype = dtype or default_dtype(device)
+        parts_at = CPU if offload else device
         with torch.device("meta"):
             dit = AceStepModel.from_config(read_config(checkpoint.dit_dir))
             vae = OobleckVAE.from_config(read_config(checkpoint.vae_dir))
         dit = load_module(dit, checkpoint.dit_dir / "model.safetensors", device, dtype)
+        quantization = None
+        if quantize is not None:
+            quantization = Quantization.on(quantize, device)
+            count = quantize_linears(dit, quantization)
+            logger.info("%d linear layers quantized (%s)", count, quantization.kind)
         vae = load_module(
-            vae, checkpoint.vae_dir / "diffusion_pytorch_model.safetensors", device, dtype
+            vae, checkpoint.vae_dir / "diffusion_pytorch_model.safetensors", parts_at, dtype
         )
-        text = TextEncoder.load(checkpoint.text_dir, device, dtype)
+        text = TextEncoder.load(checkpoint.text_dir, parts_at, dtype)
         silence = torch.load(
             checkpoint.dit_dir / "silence_latent.pt", map_location="cpu", weights_only=True
         )
@@ -377,7 +398,18 @@ class Pipeline:
         )
         spec = MODELS[model]
         pipeline = cls(
-            checkpoint, text, dit, vae, silence, device, dtype, lm_size, lm_model_dir, spec
+            checkpoint,
+            text,
+            dit,
+            vae,
+            silence,
+            device,
+            dtype,
+            lm_size,
+            lm_model_dir,
+            spec,
+            quantization,
+            offload,
         )
         if compile:
             pipeline.compile_dit()
@@ -405,12 +437,16 @@ class Pipeline:
         logger.info("DiT compiled and warmed up in %.1f s", time.perf_counter() - start)
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> None:
-        """Move every resident weight, e.g. to the CPU after running out of GPU memory."""
+        """Move every resident weight, e.g. to the CPU after running out of GPU memory.
+
+        A quantized network keeps its dtype (its 8-bit weights dequantize to it), and so
+        does the rest of the pipeline with it.
+        """
         device = torch.device(device)
-        dtype = dtype or default_dtype(device)
-        for module in (self.model, self.vae):
-            module.to(device, dtype)
-        self.text.to(device, dtype)
+        dtype = self.dtype if self.quantization else dtype or default_dtype(device)
+        self.model.to(device, dtype)
+        self.vae.to(self._resting_place(device), dtype)
+        self.text.to(self._resting_place(device), dtype)
         self.silence_latent = self.silence_latent.to(device, dtype)
         self.device, self.dtype = device, dtype
         self.move_lm(device, dtype)
@@ -418,8 +454,31 @@ class Pipeline:
     def move_lm(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the LM alone (the DiT stays), e.g. to the CPU after running out of memory."""
         if self.lm is not None:
-            self.lm.to(device, dtype)
+            self.lm.to(self._resting_place(device), dtype)
         self.lm_at = (device, dtype)
+
+    def offloads_on(self, device: torch.device) -> bool:
+        """Whether the offloaded parts wait on the CPU while the pipeline runs on `device`."""
+        return self.offload and device.type != "cpu"
+
+    def _resting_place(self, device: torch.device) -> torch.device:
+        """Where the text encoder, the LM and the VAE wait between their stages."""
+        return CPU if self.offloads_on(device) else device
+
+    @contextmanager
+    def _visiting(self, module: nn.Module, device: torch.device) -> Iterator[None]:
+        """`module` on `device` for the block; offloaded, it comes from the CPU and goes back,
+        and the GPU's cache lets go of its memory."""
+        if not self.offloads_on(device):
+            yield
+            return
+        module.to(device)
+        try:
+            yield
+        finally:
+            module.to(CPU)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def planner(self) -> LMRunner:
         """The 5 Hz LM, loaded on first use where `lm_at` says."""
@@ -427,8 +486,9 @@ class Pipeline:
             raise InvalidRequest("thinking needs the 5 Hz LM, and this daemon runs with --lm none")
         if self.lm is None:
             folder = resolve_lm(self.lm_size, self.lm_model_dir)
-            self.lm = LMRunner.load(folder, *self.lm_at)
-            logger.info("5 Hz LM loaded on %s (%s) from %s", *self.lm_at, folder)
+            device, dtype = self.lm_at
+            self.lm = LMRunner.load(folder, self._resting_place(device), dtype)
+            logger.info("5 Hz LM loaded on %s (%s) from %s", device, dtype, folder)
         return self.lm
 
     def generate(
@@ -475,7 +535,9 @@ class Pipeline:
                 metas=lambda n, of: progress("lm-thought", n, of),
                 codes=lambda n, of: progress("lm-codes", n, of),
             )
-        plan = make_plan(self.planner(), request, params.thinking, phases)
+        runner = self.planner()
+        with self._visiting(runner.model, self.lm_at[0]):
+            plan = make_plan(runner, request, params.thinking, phases)
         planned = plan.metas.known() | {"duration": plan.duration_s}
         planned["timesignature"] = time_signature_field(planned["timesignature"])
         inferred = {REQUEST_FIELD_OF[name]: planned[name] for name in plan.inferred}
@@ -614,8 +676,9 @@ class Pipeline:
     ) -> torch.Tensor:
         """Text encoder, lyric embedding and timbre reference -> condition encoder: the DiT's
         cross-attention sequence [1, S, D]."""
-        text_hidden, text_mask = self.text.encode_caption([caption_text])
-        lyric_hidden, lyric_mask = self.text.embed_lyrics([lyrics_text])
+        with self._visiting(self.text.model, self.device):
+            text_hidden, text_mask = self.text.encode_caption([caption_text])
+            lyric_hidden, lyric_mask = self.text.embed_lyrics([lyrics_text])
         reference = self._reference_latents(params.reference_audio, seed)
         encoder_hidden, _ = self.model.encode_condition(
             text_hidden.to(self.dtype),
@@ -671,7 +734,9 @@ class Pipeline:
 
     def _vae_mean(self, audio: torch.Tensor) -> torch.Tensor:
         """Waveform [2, S] → VAE posterior mean as latents [1, S // 1920, 64]."""
-        return self.vae.tiled_encode(audio[None].to(self.device, self.dtype)).transpose(1, 2)
+        with self._visiting(self.vae, self.device):
+            latents = self.vae.tiled_encode(audio[None].to(self.device, self.dtype))
+        return latents.transpose(1, 2)
 
     def _encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """Waveform [2, S] → latents [1, T, 64] (T ≥ 128, silence-padded), VAE mean."""
@@ -802,20 +867,21 @@ class Pipeline:
         chunks = 0
 
         takes = []
-        for index, seed in enumerate(cond.seeds):
+        with self._visiting(self.vae, self.device):
+            for index, seed in enumerate(cond.seeds):
 
-            def on_chunk(chunk: int, total: int, index: int = index) -> None:
-                nonlocal chunks
-                chunks = count * total
-                if progress:
-                    progress("vae", index * total + chunk, count * total)
+                def on_chunk(chunk: int, total: int, index: int = index) -> None:
+                    nonlocal chunks
+                    chunks = count * total
+                    if progress:
+                        progress("vae", index * total + chunk, count * total)
 
-            waveform = self.vae.tiled_decode(
-                latents[index : index + 1],
-                chunk_frames=vae_chunk_frames,
-                on_chunk=on_chunk,
-            )
-            takes.append(Take(seed, _checked(waveform[0].float().cpu())))  # [2, T * 1920]
+                waveform = self.vae.tiled_decode(
+                    latents[index : index + 1],
+                    chunk_frames=vae_chunk_frames,
+                    on_chunk=on_chunk,
+                )
+                takes.append(Take(seed, _checked(waveform[0].float().cpu())))  # [2, T·1920]
         samples = min(takes[0].samples.shape[1], round(cond.duration_s * SAMPLE_RATE))
         for take in takes:
             take.samples = take.samples[:, :samples].contiguous()

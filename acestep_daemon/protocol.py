@@ -188,14 +188,17 @@ def success_answer(
     sampler: str = "euler",
     adapters: list[dict[str, Any]] | None = None,
     takes: list[tuple[str, int]] | None = None,
+    quantize: str | None = None,
+    offload: bool = False,
 ) -> dict[str, Any]:
     """The answer of a written file (the daemon's, and `acestep generate`'s line).
 
     The ace-step-rs success fields come first, then ours. `dtype` may carry torch's
     `torch.` prefix (`str(torch.bfloat16)`); the answer names it without. `sampler` is the
     step rule that ran (euler, heun or sde). `thinking` (what the planner did), `adapters`
-    ({path, scale, kind} of each adapter that ran) and `takes` ((file, seed) of every take
-    of a `seeds` request) appear only when given;
+    ({path, scale, kind} of each adapter that ran), `takes` ((file, seed) of every take
+    of a `seeds` request), `quantize` (the 8-bit weights' kind, e.g. "int8-dynamic") and
+    `offload` (true: the text encoder, LM and VAE waited on the CPU) appear only when given;
     `dcw` (the wavelet correction the diffusion ran, None when off) always.
     """
     answer = {
@@ -221,6 +224,10 @@ def success_answer(
         answer["adapters"] = adapters
     if takes:
         answer["takes"] = [{"path": take_path, "seed": take_seed} for take_path, take_seed in takes]
+    if quantize is not None:
+        answer["quantize"] = quantize
+    if offload:
+        answer["offload"] = True
     return answer
 
 

@@ -2,8 +2,9 @@
 
 The default home of the daemon is CUDA in bfloat16; these tests run it for real there: the
 DiT and the whole pipeline against the fp32 results, the float16 lyric encoder, the mask-free
-attention through the flash kernel, the daemon's answers and its out-of-memory fallback, and
-the VAE's peak memory as the audio gets longer. `scripts/device-check` runs them on a lent GPU.
+attention through the flash kernel, the daemon's answers and its out-of-memory fallback, the
+VAE's peak memory as the audio gets longer, `--offload` and `--quantize`.
+`scripts/device-check` runs them on a lent GPU.
 """
 
 from __future__ import annotations
@@ -198,3 +199,53 @@ def test_tiled_vae_decode_peak_memory_grows_only_with_the_output() -> None:
     untiled = growth(vae.decode)
     assert tiled <= 4.0, tiled
     assert untiled > 8.0, untiled  # the measure sees an untiled decode
+
+
+def _parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_offload_keeps_text_encoder_and_vae_off_the_gpu_while_diffusing(
+    tiny_checkpoint: Path,
+) -> None:
+    """--offload: the text encoder and the VAE wait on the CPU, visit CUDA for their stage
+    (the same samples, bit for bit: the same kernels run), and the memory allocated while the
+    DiT samples is lower by at least their weights."""
+    checkpoint = resolve_checkpoint(tiny_checkpoint)
+    params = GenerationParams(caption="calm piano", lyrics="[verse]\nla la", duration_s=2, seed=5)
+
+    def run(offload: bool) -> tuple[torch.Tensor, int, Pipeline]:
+        pipeline = Pipeline.load(checkpoint, device="cuda", dtype=torch.bfloat16, offload=offload)
+        during: list[int] = []
+
+        def progress(stage: str, step: int, of: int) -> None:
+            if stage == "diffusion":
+                during.append(torch.cuda.memory_allocated())
+
+        audio = pipeline.generate(params, progress=progress)
+        return audio.samples, max(during), pipeline
+
+    plain, plain_bytes, _ = run(offload=False)
+    offloaded, offloaded_bytes, pipeline = run(offload=True)
+    assert torch.equal(plain, offloaded)
+    assert next(pipeline.vae.parameters()).device.type == "cpu"
+    assert pipeline.text.device.type == "cpu"
+    assert next(pipeline.model.parameters()).device.type == "cuda"
+    parts = _parameter_bytes(pipeline.vae) + _parameter_bytes(pipeline.text.model)
+    assert plain_bytes - offloaded_bytes >= parts
+
+
+@pytest.mark.parametrize(
+    ("scheme", "kind"), [("int8", "int8-weight-only"), ("fp8", "fp8-weight-only")]
+)
+def test_daemon_on_cuda_with_quantize_and_offload_answers_what_ran(
+    tmp_path: Path, tiny_checkpoint: Path, scheme: str, kind: str
+) -> None:
+    """Through the socket on CUDA (int8 is weight-only there): the answer says what ran."""
+    args = ("--model-dir", str(tiny_checkpoint), "--device", "cuda", "--quantize", scheme)
+    with running(tmp_path, *args, "--offload") as daemon:
+        output = tmp_path / "q.wav"
+        answer = daemon.ask({"caption": "x", "duration_s": 2, "output": str(output)})
+    assert answer["ok"] is True, answer
+    assert answer["quantize"] == kind and answer["offload"] is True
+    assert output.stat().st_size > 2 * SAMPLE_RATE
