@@ -37,8 +37,14 @@ minus the answer's `timings.total`, the job's whole time in the worker, the file
 included) and `status` requests per second. With the checkpoint under test: throughput
 (`--throughput JOBS` requests of `--throughput-duration` seconds sent at once, in jobs per
 minute) and overhead per request of 1 and 2 workers (on `--device`, twice) behind one
-daemon's socket and behind a queue front with a `redis-server` of its own. `--json` prints
-everything as one JSON object instead of tables.
+daemon's socket and behind a queue front with a `redis-server` of its own.
+
+`--quantize int8|fp8` and `--offload` measure the pipeline so loaded. `--memory SECONDS`
+(off by default; 240 is a 4-minute song) adds a table of one song of that length in every
+memory setup (plain, int8, fp8 and, on a GPU, offload and int8 + offload), each in a fresh
+process: the peak memory of loading and of generating, the time, and how far the final
+latents land from the plain run's (same seed and noise; max |Δ| / max |plain|). `--json`
+prints everything as one JSON object instead of tables.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ from acestep_daemon.checkpoint import (  # noqa: E402
 from acestep_daemon.memory import MemoryPolicy  # noqa: E402
 from acestep_daemon.model import AceStepModel  # noqa: E402
 from acestep_daemon.model.vae import OobleckVAE  # noqa: E402
+from acestep_daemon.options import QUANTIZE_SCHEMES  # noqa: E402
 from acestep_daemon.params import GenerationParams  # noqa: E402
 from acestep_daemon.pipeline import Pipeline, default_dtype  # noqa: E402
 from acestep_daemon.planner import LMRunner, PlanRequest, make_plan  # noqa: E402
@@ -99,6 +106,14 @@ DAEMON_REQUESTS = 20
 THROUGHPUT_JOBS = 8
 THROUGHPUT_DURATION_S = 10.0
 STATUS_SECONDS = 2.0
+MEMORY_SETUPS = {
+    "plain": [],
+    "int8": ["--quantize", "int8"],
+    "fp8": ["--quantize", "fp8"],
+    "offload": ["--offload"],
+    "int8 + offload": ["--quantize", "int8", "--offload"],
+}
+"""The `--memory` table's rows and their flags; the offload rows only on a GPU."""
 
 
 # -- full-size random weights ---------------------------------------------------------------
@@ -264,15 +279,31 @@ def run_ours(
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}, recorder
 
 
+def load_pipeline(args: argparse.Namespace, checkpoint: Path) -> Pipeline:
+    """The pipeline under test, as the command line asks for it."""
+    return Pipeline.load(
+        CheckpointPaths(checkpoint),
+        args.device,
+        DTYPES[args.dtype],
+        compile=args.compile,
+        quantize=args.quantize,
+        offload=args.offload,
+    )
+
+
 def ours_worker(args: argparse.Namespace) -> int:
-    """`--worker`: one duration in this fresh process; prints JSON, saves the check tensors."""
+    """`--worker`: one duration in this fresh process; prints JSON, saves the check tensors.
+
+    `load_peak_gib` is the peak up to the end of loading; `peak_gib` that of the timed
+    generation on a GPU (its allocator's peak is reset after the warm-up), of the whole
+    process on the CPU (the RSS high-water mark).
+    """
     from safetensors.torch import save_file
 
     start = time.perf_counter()
-    pipeline = Pipeline.load(
-        CheckpointPaths(args.model_dir), args.device, DTYPES[args.dtype], compile=args.compile
-    )
+    pipeline = load_pipeline(args, args.model_dir)
     load_s = time.perf_counter() - start
+    load_peak = peak_memory_gib(pipeline.device)
     set_fast_paths(pipeline, not args.no_fast_paths)
     with tempfile.TemporaryDirectory() as scratch:
         stages, recorder = run_ours(pipeline, args.durations[0], 1, Path(scratch))
@@ -280,7 +311,11 @@ def ours_worker(args: argparse.Namespace) -> int:
     saved["seed"] = torch.tensor(0)
     save_file(saved, args.worker)
     peak = peak_memory_gib(pipeline.device)
-    print(json.dumps({"stages": stages, "load_s": load_s, "peak_gib": peak}))
+    print(
+        json.dumps(
+            {"stages": stages, "load_s": load_s, "load_peak_gib": load_peak, "peak_gib": peak}
+        )
+    )
     return 0
 
 
@@ -334,6 +369,62 @@ def compare_with_official(
             ours["audio"][..., :samples], official["audio"][..., :samples]
         ),
     }
+
+
+def measure_memory(
+    args: argparse.Namespace, checkpoint: Path, duration: float, scratch: Path
+) -> list[dict[str, Any]]:
+    """One song of `duration` in each memory setup, each in a fresh process (`ours_worker`);
+    the latents error is against the plain setup's latents (the first row)."""
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    on_gpu = torch.device(args.device).type != "cpu"
+    rows: list[dict[str, Any]] = []
+    plain = None
+    for name, flags in MEMORY_SETUPS.items():
+        if "--offload" in flags and not on_gpu:
+            continue
+        saved = scratch / "memory.safetensors"
+        command = [sys.executable, __file__, "--worker", str(saved), "--model-dir"]
+        command += [str(checkpoint), "--device", args.device, "--dtype", args.dtype]
+        command += ["--durations", str(duration), *flags]
+        run = subprocess_json(command, env)
+        latents = load_file(saved)["latents"]
+        plain = latents if plain is None else plain
+        rows.append(
+            {
+                "setup": name,
+                "load_peak_gib": run["load_peak_gib"],
+                "peak_gib": run["peak_gib"],
+                "load_s": run["load_s"],
+                "diffusion_s": run["stages"]["diffusion"],
+                "total_s": run["stages"]["total"],
+                "latents_error": relative_error(latents, plain),
+            }
+        )
+    return rows
+
+
+def memory_markdown(report: dict[str, Any]) -> list[str]:
+    on_cpu = report["device"].startswith("CPU")
+    kind = "the RSS high-water mark, load included" if on_cpu else "CUDA allocator peaks"
+    lines = [
+        "",
+        f"Memory: one {report['memory_duration_s']:g} s song per setup, each in a fresh process "
+        f"({kind}; latents error: max |Δ| / max |plain| of the final latents, same noise):",
+        "",
+        "| setup | load peak (GiB) | generation peak (GiB) | load (s) | diffusion (s) "
+        "| total (s) | latents error |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {row['setup']} | {row['load_peak_gib']:.2f} | {row['peak_gib']:.2f} "
+        f"| {row['load_s']:.1f} | {row['diffusion_s']:.2f} | {row['total_s']:.2f} "
+        f"| {row['latents_error']:.1e} |"
+        for row in report["memory"]
+    ]
+    return lines
 
 
 # -- the 5 Hz LM planner --------------------------------------------------------------------
@@ -721,7 +812,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"device: {report['device']}, dtype: {report['dtype']}, torch {report['torch']}, "
         f"threads: {report['threads']}, fast paths: {'on' if report['fast_paths'] else 'off'}, "
-        f"compile: {'on' if report['compile'] else 'off'}, model: {report['model']}{load}",
+        f"compile: {'on' if report['compile'] else 'off'}, "
+        f"quantize: {report['quantize'] or 'off'}, "
+        f"offload: {'on' if report['offload'] else 'off'}, model: {report['model']}{load}",
     ]
     if report["durations"]:  # none with --lm-only
         lines += [
@@ -781,6 +874,8 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         if not any(row["path"] == "queue" for row in rows):
             lines.append("(no redis-server here: the queue rows are left out)")
+    if "memory" in report:
+        lines += memory_markdown(report)
     if "lm" in report:
         lines += lm_markdown(report["lm"])
     return "\n".join(lines)
@@ -819,6 +914,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--throughput-duration", type=float, default=THROUGHPUT_DURATION_S, metavar="SECONDS"
+    )
+    parser.add_argument("--quantize", choices=QUANTIZE_SCHEMES, help="8-bit linear weights")
+    parser.add_argument("--offload", action="store_true", help="text encoder, LM, VAE wait on CPU")
+    parser.add_argument(
+        "--memory",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="the memory table: one song this long per memory setup (0: none; 240: 4 minutes)",
     )
     add_lm_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -859,6 +963,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "fast_paths": not args.no_fast_paths,
             "compile": args.compile,
+            "quantize": args.quantize,
+            "offload": args.offload,
             "model": "tiny" if args.model else "random-full" if args.random_full else "checkpoint",
             "durations": [],
         }
@@ -866,9 +972,7 @@ def main(argv: list[str] | None = None) -> int:
         dit_durations = [] if args.lm_only else args.durations
         if not args.reference and dit_durations:  # with it, each side loads in its own process
             start = time.perf_counter()
-            pipeline = Pipeline.load(
-                CheckpointPaths(checkpoint), device, DTYPES[args.dtype], compile=args.compile
-            )
+            pipeline = load_pipeline(args, checkpoint)
             report["load_s"] = time.perf_counter() - start
             set_fast_paths(pipeline, not args.no_fast_paths)
         for duration in dit_durations:
@@ -888,6 +992,11 @@ def main(argv: list[str] | None = None) -> int:
             report["throughput"] = measure_throughput(
                 checkpoint, scratch, args.throughput, args.throughput_duration, args.device
             )
+        if args.memory > 0 and not args.lm_only:
+            del pipeline  # each setup loads in its own process
+            pipeline = None
+            report["memory_duration_s"] = args.memory
+            report["memory"] = measure_memory(args, checkpoint, args.memory, scratch)
         lm = lm_under_test(args, tiny, scratch)
         if lm is not None:
             del pipeline  # one model in memory at a time

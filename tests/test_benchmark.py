@@ -95,3 +95,17 @@ def test_lm_none_skips_the_planner_and_lm_only_skips_the_rest() -> None:
     assert "| duration (s) | text (s)" not in out and "daemon" not in out
     assert "| duration (s) | thought tokens |" in out
     assert any(line.startswith("| 1 | ") and "| 5 |" in line for line in out.splitlines())
+
+
+def test_memory_table_runs_each_setup_against_the_plain_latents() -> None:
+    """On the CPU: plain, int8 and fp8 (offload needs a GPU), each with its peaks and time;
+    the plain row is its own reference, the 8-bit rows land near it but not on it."""
+    args = ("--json", "--lm", "none", "--daemon-requests", "0", "--memory", "1")
+    report = json.loads(run(*args))
+    rows = {row["setup"]: row for row in report["memory"]}
+    assert list(rows) == ["plain", "int8", "fp8"]
+    assert rows["plain"]["latents_error"] == 0
+    assert all(0 < rows[name]["latents_error"] < 0.2 for name in ("int8", "fp8"))
+    assert all(row["peak_gib"] >= row["load_peak_gib"] > 0 for row in rows.values())
+    assert all(row["total_s"] >= row["diffusion_s"] > 0 for row in rows.values())
+    assert report["memory_duration_s"] == 1
