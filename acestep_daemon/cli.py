@@ -954,9 +954,14 @@ transformers whenever it is installed) on a CPU wheel logs each CUDA kernel libr
 load and a missing Triton, and torch's pytree a deprecation meant for torchao's authors."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def quiet_library_logs() -> None:
+    """Silence the `QUIET_LOGGERS` below errors (entry points call it first)."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     parser = argparse.ArgumentParser(
         prog="acestep",
         description=DESCRIPTION,

@@ -73,6 +73,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from acestep_daemon.cli import quiet_library_logs  # noqa: E402
+
+quiet_library_logs()  # before transformers imports torchao (cli.QUIET_LOGGERS)
+
 from acestep_daemon.audio import write_audio  # noqa: E402
 from acestep_daemon.checkpoint import (  # noqa: E402
     LM_SIZES,
@@ -895,7 +899,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--durations", type=float, nargs="+", default=list(DEFAULT_DURATIONS))
+    parser.add_argument(
+        "--durations",
+        type=float,
+        nargs="*",
+        default=list(DEFAULT_DURATIONS),
+        help="song lengths of the stage table (none: no stage table)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-fast-paths", action="store_true", help="switch fast paths off")
