@@ -82,7 +82,7 @@ class Run:
     fallback: str | None  # "cpu": the request ran on the CPU; "lm-cpu": only its planner did
     oom_retries: int
     vae_chunk_frames: int
-    quantize: str | None = None  # the quantization kind that ran (`Quantization.kind`)
+    quantize: str | None = None  # the quantization that ran (`quantization_kind`)
     offload: bool = False  # whether the text encoder, LM and VAE waited on the CPU
 
     def answer(
@@ -233,7 +233,7 @@ class MemoryPolicy:
             fallback=fallback,
             oom_retries=self.retries,
             vae_chunk_frames=self.chunk,
-            quantize=pipeline.quantization.kind if pipeline.quantization else None,
+            quantize=pipeline.quantization,
             offload=pipeline.offloads_on(device),
         )
 

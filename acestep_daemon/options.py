@@ -20,7 +20,7 @@ CLAIM_IDLE_S = 30.0
 """A queue job whose worker has not re-claimed it for this long goes to another worker."""
 
 QUANTIZE_SCHEMES = ("int8", "fp8")
-"""What `--quantize` takes; `model.quantize.Quantization.on` says what each runs as."""
+"""What `--quantize` takes; `model.quantize.quantization_kind` says what each runs as."""
 
 
 @dataclass(frozen=True)

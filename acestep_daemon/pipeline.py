@@ -50,7 +50,7 @@ from acestep_daemon.errors import GenerationFailed, InvalidRequest
 from acestep_daemon.family import DEFAULT_MODEL, MODELS, ModelSpec
 from acestep_daemon.model import AceStepModel, DcwSettings, SamplerSettings, sample_guided
 from acestep_daemon.model.lora import adapter_kind, adapters_applied
-from acestep_daemon.model.quantize import Quantization, quantize_linears
+from acestep_daemon.model.quantize import quantization_kind, quantize_linears
 from acestep_daemon.model.sampler import (
     RepaintInputs,
     draw_noise,
@@ -328,7 +328,7 @@ class Pipeline:
         lm_size: str | None = None,
         lm_model_dir: Path | None = None,
         spec: ModelSpec = MODELS[DEFAULT_MODEL],
-        quantization: Quantization | None = None,
+        quantization: str | None = None,
         offload: bool = False,
     ) -> None:
         self.checkpoint = checkpoint
@@ -347,7 +347,8 @@ class Pipeline:
         self.default_lora: tuple[Path, float] | None = None
         """The adapter of `acestep serve --lora` and its scale, for requests naming none."""
         self.quantization = quantization
-        """The network's linear weights in 8 bits (`--quantize`); None: the pipeline's dtype."""
+        """How the network's linear weights are kept in 8 bits (`quantization_kind`, from
+        `--quantize`); None: in the pipeline's dtype."""
         self.offload = offload
         """`--offload`: the text encoder, the LM and the VAE wait on the CPU between their
         stages, off a GPU's memory (on the CPU there is nothing to offload)."""
@@ -382,9 +383,9 @@ class Pipeline:
         dit = load_module(dit, checkpoint.dit_dir / "model.safetensors", device, dtype)
         quantization = None
         if quantize is not None:
-            quantization = Quantization.on(quantize, device)
+            quantization = quantization_kind(quantize, device)
             count = quantize_linears(dit, quantization)
-            logger.info("%d linear layers quantized (%s)", count, quantization.kind)
+            logger.info("%d linear layers quantized (%s)", count, quantization)
         vae = load_module(
             vae, checkpoint.vae_dir / "diffusion_pytorch_model.safetensors", parts_at, dtype
         )

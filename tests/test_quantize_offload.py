@@ -22,7 +22,7 @@ from torch import nn
 
 from acestep_daemon.checkpoint import CheckpointPaths
 from acestep_daemon.model import AceStepModel, draw_noise, sample_turbo
-from acestep_daemon.model.quantize import Quantization, quantize_linears
+from acestep_daemon.model.quantize import quantization_kind, quantize_linears
 from acestep_daemon.params import GenerationParams
 from acestep_daemon.pipeline import Pipeline
 from tests.daemon_harness import REPO, daemon_env, running
@@ -45,7 +45,7 @@ def fp32_generation(model: AceStepModel) -> torch.Tensor:
 
 def quantized(scheme: str, **config_changes: object) -> AceStepModel:
     model = load_tiny_model(**config_changes)
-    quantize_linears(model, Quantization.on(scheme, CPU))
+    quantize_linears(model, quantization_kind(scheme, CPU))
     return model
 
 
@@ -53,11 +53,11 @@ def test_schemes_name_what_runs_on_each_device() -> None:
     """int8 multiplies int8 on the CPU (weight-only int8 is slower there than fp32), and
     dequantizes to bf16 on CUDA; fp8 is weight-only everywhere."""
     cuda = torch.device("cuda")
-    assert Quantization.on("int8", CPU).kind == "int8-dynamic"
-    assert Quantization.on("int8", cuda).kind == "int8-weight-only"
-    assert Quantization.on("fp8", CPU).kind == Quantization.on("fp8", cuda).kind
+    assert quantization_kind("int8", CPU) == "int8-dynamic"
+    assert quantization_kind("int8", cuda) == "int8-weight-only"
+    assert quantization_kind("fp8", CPU) == quantization_kind("fp8", cuda) == "fp8-weight-only"
     with pytest.raises(ValueError, match="int8 or fp8"):
-        Quantization.on("int4", CPU)
+        quantization_kind("int4", CPU)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])

@@ -11,33 +11,27 @@ convolutions, embeddings and biases stay in the pipeline's dtype. The text encod
 | int8   | int8 weights, bf16 products             | int8 weights and per-token int8 activations |
 | fp8    | float8 (e4m3) weights, bf16 products    | the same (slower than the CPU's own dtype)  |
 
-On the CPU int8 takes dynamic activations because weight-only int8 is slower there than
-plain float32 (the weights are widened for every product), while int8 × int8 products are
-about twice as fast as float32 ones (`scripts/benchmark.py --memory` measures both).
+On the CPU int8 takes dynamic activations: weight-only int8 was slower there than plain
+float32 (the weights are widened for every product), int8 × int8 products twice as fast
+(a [1500, 2048] × [2048, 6144] product on a 2-core AMX Xeon: fp32 0.22 s, weight-only int8
+0.26 s, int8 × int8 0.12 s, native bf16 0.04 s). `scripts/benchmark.py --memory` measures
+whole songs.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
-class Quantization:
-    """What `--quantize` ran on a device: the scheme and how its products are done."""
-
-    scheme: str  # "int8" or "fp8"
-    kind: str  # "int8-weight-only", "int8-dynamic" or "fp8-weight-only"
-
-    @classmethod
-    def on(cls, scheme: str, device: torch.device) -> Quantization:
-        if scheme == "fp8":
-            return cls(scheme, "fp8-weight-only")
-        if scheme == "int8":
-            return cls(scheme, "int8-dynamic" if device.type == "cpu" else "int8-weight-only")
-        raise ValueError(f"quantize: int8 or fp8, not {scheme!r}")
+def quantization_kind(scheme: str, device: torch.device) -> str:
+    """What `--quantize SCHEME` runs as on `device`: "int8-weight-only", "int8-dynamic" (the
+    CPU) or "fp8-weight-only" (the answers' `quantize`)."""
+    if scheme == "fp8":
+        return "fp8-weight-only"
+    if scheme == "int8":
+        return "int8-dynamic" if device.type == "cpu" else "int8-weight-only"
+    raise ValueError(f"quantize: int8 or fp8, not {scheme!r}")
 
 
 def _torchao_config(kind: str) -> object:
@@ -59,9 +53,9 @@ def _torchao_config(kind: str) -> object:
     }[kind]()
 
 
-def quantize_linears(model: nn.Module, quantization: Quantization) -> int:
-    """Quantize every `nn.Linear` weight of `model` in place; returns how many."""
-    config = _torchao_config(quantization.kind)
+def quantize_linears(model: nn.Module, kind: str) -> int:
+    """Quantize every `nn.Linear` weight of `model` in place as `kind`; returns how many."""
+    config = _torchao_config(kind)
     from torchao.quantization import quantize_
 
     count = sum(isinstance(module, nn.Linear) for module in model.modules())
