@@ -86,7 +86,7 @@ from acestep_daemon.checkpoint import (  # noqa: E402
     resolve_checkpoint,
     resolve_lm,
 )
-from acestep_daemon.memory import MemoryPolicy  # noqa: E402
+from acestep_daemon.memory import MemoryPolicy, free_memory  # noqa: E402
 from acestep_daemon.model import AceStepModel  # noqa: E402
 from acestep_daemon.model.vae import OobleckVAE  # noqa: E402
 from acestep_daemon.options import QUANTIZE_SCHEMES  # noqa: E402
@@ -996,20 +996,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.daemon_requests > 0 and not args.lm_only:
             report["daemon"] = measure_daemon(tiny, scratch, args.daemon_requests)
         if args.throughput > 0 and not args.lm_only:
-            del pipeline  # the workers load their own
-            pipeline = None
+            pipeline = None  # the workers load their own
+            free_memory()  # the recorder's hooks tie the weights in reference cycles
             report["throughput_duration_s"] = args.throughput_duration
             report["throughput"] = measure_throughput(
                 checkpoint, scratch, args.throughput, args.throughput_duration, args.device
             )
         if args.memory > 0 and not args.lm_only:
-            del pipeline  # each setup loads in its own process
-            pipeline = None
+            pipeline = None  # each setup loads in its own process
+            free_memory()
             report["memory_duration_s"] = args.memory
             report["memory"] = measure_memory(args, checkpoint, args.memory, scratch)
         lm = lm_under_test(args, tiny, scratch)
         if lm is not None:
-            del pipeline  # one model in memory at a time
+            pipeline = None  # one model in memory at a time
+            free_memory()
             report["lm"] = measure_lm(args, lm)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
