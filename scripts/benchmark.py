@@ -203,6 +203,15 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def resident_gib(device: torch.device) -> float:
+    """Memory held now: the CUDA allocator's, or the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    with open("/proc/self/status") as status:
+        rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return rss_kib / 2**20
+
+
 def set_fast_paths(pipeline: Pipeline, enabled: bool) -> None:
     """Switch every fast path of the model code on or off (results stay within tolerance)."""
     pipeline.model.decoder.reuse_step_constants = enabled
@@ -300,7 +309,8 @@ def ours_worker(args: argparse.Namespace) -> int:
 
     `load_peak_gib` is the peak up to the end of loading; `peak_gib` that of the timed
     generation on a GPU (its allocator's peak is reset after the warm-up), of the whole
-    process on the CPU (the RSS high-water mark).
+    process on the CPU (the RSS high-water mark, which the checkpoint files' pages read at
+    load dominate); `resident_gib` what is held after the timed generation.
     """
     from safetensors.torch import save_file
 
@@ -314,12 +324,9 @@ def ours_worker(args: argparse.Namespace) -> int:
     saved = {k: t.cpu().contiguous() for k, t in recorder.saved.items()}
     saved["seed"] = torch.tensor(0)
     save_file(saved, args.worker)
-    peak = peak_memory_gib(pipeline.device)
-    print(
-        json.dumps(
-            {"stages": stages, "load_s": load_s, "load_peak_gib": load_peak, "peak_gib": peak}
-        )
-    )
+    memory = {"load_peak_gib": load_peak, "peak_gib": peak_memory_gib(pipeline.device)}
+    memory["resident_gib"] = resident_gib(pipeline.device)
+    print(json.dumps({"stages": stages, "load_s": load_s, **memory}))
     return 0
 
 
@@ -401,6 +408,7 @@ def measure_memory(
                 "setup": name,
                 "load_peak_gib": run["load_peak_gib"],
                 "peak_gib": run["peak_gib"],
+                "resident_gib": run["resident_gib"],
                 "load_s": run["load_s"],
                 "diffusion_s": run["stages"]["diffusion"],
                 "total_s": run["stages"]["total"],
@@ -412,18 +420,20 @@ def measure_memory(
 
 def memory_markdown(report: dict[str, Any]) -> list[str]:
     on_cpu = report["device"].startswith("CPU")
-    kind = "the RSS high-water mark, load included" if on_cpu else "CUDA allocator peaks"
+    kind = "RSS: its high-water mark, load included, and what is resident after the song"
+    kind = kind if on_cpu else "the CUDA allocator's peaks and what it holds after the song"
     lines = [
         "",
         f"Memory: one {report['memory_duration_s']:g} s song per setup, each in a fresh process "
         f"({kind}; latents error: max |Δ| / max |plain| of the final latents, same noise):",
         "",
-        "| setup | load peak (GiB) | generation peak (GiB) | load (s) | diffusion (s) "
-        "| total (s) | latents error |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| setup | load peak (GiB) | generation peak (GiB) | held after (GiB) | load (s) "
+        "| diffusion (s) | total (s) | latents error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {row['setup']} | {row['load_peak_gib']:.2f} | {row['peak_gib']:.2f} "
+        f"| {row['resident_gib']:.2f} "
         f"| {row['load_s']:.1f} | {row['diffusion_s']:.2f} | {row['total_s']:.2f} "
         f"| {row['latents_error']:.1e} |"
         for row in report["memory"]

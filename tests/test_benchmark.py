@@ -107,5 +107,6 @@ def test_memory_table_runs_each_setup_against_the_plain_latents() -> None:
     assert rows["plain"]["latents_error"] == 0
     assert all(0 < rows[name]["latents_error"] < 0.2 for name in ("int8", "fp8"))
     assert all(row["peak_gib"] >= row["load_peak_gib"] > 0 for row in rows.values())
+    assert all(row["peak_gib"] >= row["resident_gib"] > 0 for row in rows.values())
     assert all(row["total_s"] >= row["diffusion_s"] > 0 for row in rows.values())
     assert report["memory_duration_s"] == 1
