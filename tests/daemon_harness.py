@@ -28,7 +28,6 @@ def daemon_env(tmp: Path, **extra: str) -> dict[str, str]:
     env.update(
         XDG_DATA_HOME=str(tmp / "data"),
         XDG_RUNTIME_DIR=str(tmp / "run"),
-        TMPDIR=str(tmp),  # what a SIGKILLed daemon leaves in its temporary folders stays here
         HF_HUB_OFFLINE="1",
         PYTHONPATH=str(REPO),
         **extra,
