@@ -342,6 +342,22 @@ def relative_error(ours: torch.Tensor, official: torch.Tensor) -> float:
     return float((ours - official).abs().max() / official.abs().max())
 
 
+def worker_command(
+    args: argparse.Namespace, checkpoint: Path, duration: float, saved: Path, memory: list[str]
+) -> list[str]:
+    """`ours_worker` in a fresh process for one duration, saving its check tensors to `saved`,
+    with this run's fast-path and compile flags and the memory flags `memory`."""
+    command = [sys.executable, __file__, "--worker", str(saved), "--model-dir", str(checkpoint)]
+    command += ["--device", args.device, "--dtype", args.dtype, "--durations", str(duration)]
+    command += ["--no-fast-paths"] * args.no_fast_paths + ["--compile"] * args.compile
+    return command + memory
+
+
+def memory_flags(args: argparse.Namespace) -> list[str]:
+    """This run's `--quantize` and `--offload`, as a worker's flags."""
+    return ["--quantize", args.quantize] * bool(args.quantize) + ["--offload"] * args.offload
+
+
 def compare_with_official(
     args: argparse.Namespace, checkpoint: Path, duration: float, scratch: Path
 ) -> dict[str, Any]:
@@ -352,10 +368,7 @@ def compare_with_official(
     ours_runs, official_runs = [], []
     inputs, official_out = scratch / "ours.safetensors", scratch / "official.safetensors"
     for _ in range(args.repeats):
-        command = [sys.executable, __file__, "--worker", str(inputs), "--model-dir"]
-        command += [str(checkpoint), "--device", args.device, "--dtype", args.dtype]
-        command += ["--durations", str(duration)] + (["--no-fast-paths"] * args.no_fast_paths)
-        command += ["--compile"] * args.compile
+        command = worker_command(args, checkpoint, duration, inputs, memory_flags(args))
         ours_runs.append(subprocess_json(command, env))
         command = [args.reference_python, str(REPO / "scripts" / "benchmark_official.py")]
         command += ["--reference", str(args.reference), "--checkpoint", str(checkpoint)]
@@ -397,10 +410,7 @@ def measure_memory(
         if "--offload" in flags and not on_gpu:
             continue
         saved = scratch / "memory.safetensors"
-        command = [sys.executable, __file__, "--worker", str(saved), "--model-dir"]
-        command += [str(checkpoint), "--device", args.device, "--dtype", args.dtype]
-        command += ["--durations", str(duration), *flags]
-        run = subprocess_json(command, env)
+        run = subprocess_json(worker_command(args, checkpoint, duration, saved, flags), env)
         latents = load_file(saved)["latents"]
         plain = latents if plain is None else plain
         rows.append(
