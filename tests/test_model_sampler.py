@@ -127,22 +127,22 @@ BF16_ERROR_FACTOR = 2.0
 
 
 @torch.no_grad()
-def bf16_generation(model: AceStepModel) -> torch.Tensor:
-    """The fixture's shift-3 generation with every input and the model in bf16."""
+def fixture_generation(model: AceStepModel, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The fixture's shift-3 generation with every input and the model in `dtype`."""
     cases = load_file(TINY / "cases.safetensors")
-    model = model.to(torch.bfloat16)
-    noise = draw_noise([11, 22], 17, 64, "cpu", torch.bfloat16)
+    model = model.to(dtype)
+    noise = draw_noise([11, 22], 17, 64, "cpu", dtype)
     # bf16 noise is the fp32 draw rounded, so it is the same on every CPU.
-    assert torch.equal(noise, cases["generate.noise"].bfloat16())
+    assert torch.equal(noise, cases["generate.noise"].to(dtype))
     hidden, _ = model.encode_condition(
-        cases["condition.text_hidden"].bfloat16(),
+        cases["condition.text_hidden"].to(dtype),
         cases["condition.text_mask"],
-        cases["condition.lyric_hidden"].bfloat16(),
+        cases["condition.lyric_hidden"].to(dtype),
         cases["condition.lyric_mask"],
-        cases["condition.refer_latents"].bfloat16(),
+        cases["condition.refer_latents"].to(dtype),
         cases["condition.refer_order"],
     )
-    source = cases["generate.silence_latent"][:, :17].repeat(2, 1, 1).bfloat16()
+    source = cases["generate.silence_latent"][:, :17].repeat(2, 1, 1).to(dtype)
     context = model.build_context(source, torch.ones(2, 17))
     return sample_turbo(model, noise, hidden, context, 3.0)
 
@@ -173,7 +173,7 @@ def test_bf16_generation_stays_within_twice_the_official_bf16_error_of_the_fp32_
     lands within 2x the official bf16 error (6.9 %) on any CPU, while a one-off sliding window
     (9.4 %) or swapped AdaLN rows (39-77 %) fall outside (see the test below).
     """
-    assert relative_error(bf16_generation(load_tiny_model()), load_fp32_result()) <= (
+    assert relative_error(fixture_generation(load_tiny_model()), load_fp32_result()) <= (
         bf16_error_budget()
     )
 
@@ -184,5 +184,5 @@ def test_bf16_generation_stays_within_twice_the_official_bf16_error_of_the_fp32_
     ids=["window-one-too-wide", "window-one-too-narrow", "no-sliding-window"],
 )
 def test_a_porting_mistake_falls_outside_the_bf16_error_budget(change: dict) -> None:
-    out = bf16_generation(load_tiny_model(**change))
+    out = fixture_generation(load_tiny_model(**change))
     assert relative_error(out, load_fp32_result()) > bf16_error_budget()

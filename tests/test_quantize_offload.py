@@ -15,32 +15,19 @@ from pathlib import Path
 import pytest
 import soundfile
 import torch
-from model_fixtures import TINY, load_tiny_model, relative_error
-from safetensors.torch import load_file
-from test_model_sampler import bf16_error_budget, load_fp32_result
+from model_fixtures import load_tiny_model, relative_error
+from test_cli_generate import generate, summary
+from test_model_sampler import bf16_error_budget, fixture_generation, load_fp32_result
 from torch import nn
 
 from acestep_daemon.checkpoint import CheckpointPaths
-from acestep_daemon.model import AceStepModel, draw_noise, sample_turbo
+from acestep_daemon.model import AceStepModel
 from acestep_daemon.model.quantize import quantization_kind, quantize_linears
 from acestep_daemon.params import GenerationParams
 from acestep_daemon.pipeline import Pipeline
 from tests.daemon_harness import REPO, daemon_env, running
 
 CPU = torch.device("cpu")
-
-
-@torch.no_grad()
-def fp32_generation(model: AceStepModel) -> torch.Tensor:
-    """The fixture's shift-3 text2music case in float32 (the official fp32 result's inputs)."""
-    cases = load_file(TINY / "cases.safetensors")
-    hidden, _ = model.encode_condition(
-        *(cases[f"condition.{name}"] for name in ("text_hidden", "text_mask", "lyric_hidden")),
-        *(cases[f"condition.{name}"] for name in ("lyric_mask", "refer_latents", "refer_order")),
-    )
-    source = cases["generate.silence_latent"][:, :17].repeat(2, 1, 1)
-    context = model.build_context(source, torch.ones(2, 17))
-    return sample_turbo(model, draw_noise([11, 22], 17, 64, CPU, torch.float32), hidden, context, 3)
 
 
 def quantized(scheme: str, **config_changes: object) -> AceStepModel:
@@ -75,14 +62,14 @@ def test_int8_generation_loses_less_than_bf16_does() -> None:
     """int8 weights (one scale per row, 1/254 of its largest value) and per-token int8
     activations: measured 1.5 % of the output scale from the official fp32 run, under the
     bf16 budget (2x the official bf16 run's 3.5 %), and not equal (it really quantized)."""
-    error = relative_error(fp32_generation(quantized("int8")), load_fp32_result())
+    error = relative_error(fixture_generation(quantized("int8"), torch.float32), load_fp32_result())
     assert 0 < error <= bf16_error_budget()
 
 
 def test_fp8_generation_stays_within_twice_the_bf16_budget() -> None:
     """float8 e4m3 keeps 4 significant bits to bf16's 8, on the weights only: measured 5.2 %,
     within 2x the bf16 budget (13.8 %); nothing 8-bit lands at zero error."""
-    error = relative_error(fp32_generation(quantized("fp8")), load_fp32_result())
+    error = relative_error(fixture_generation(quantized("fp8"), torch.float32), load_fp32_result())
     assert 0 < error <= 2 * bf16_error_budget()
 
 
@@ -91,7 +78,7 @@ def test_fp8_generation_stays_within_twice_the_bf16_budget() -> None:
 )
 def test_a_porting_mistake_under_int8_falls_outside_the_budget(change: dict) -> None:
     """The budget still tells a wrong network from int8's rounding."""
-    out = fp32_generation(quantized("int8", **change))
+    out = fixture_generation(quantized("int8", **change), torch.float32)
     assert relative_error(out, load_fp32_result()) > bf16_error_budget()
 
 
@@ -118,25 +105,18 @@ def test_daemon_with_int8_answers_what_ran(tmp_path: Path) -> None:
     assert (first == second).all()
 
 
-def test_generate_with_fp8_writes_a_song_close_to_the_plain_one(tmp_path: Path) -> None:
+def test_generate_with_fp8_writes_a_song_close_to_the_plain_one(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     """`acestep generate --quantize fp8` beside the same request unquantized: not the same
     file, the same song (measured 6 % of the peak apart on the tiny checkpoint)."""
-    flags = ["-c", "pads", "-d", "4", "-s", "1", "--dtype", "float32", "--float-wav"]
+    flags = ("-c", "pads", "-d", "4", "-s", "1", "--dtype", "float32", "--float-wav")
     files = {}
-    for name, extra in (("plain", []), ("fp8", ["--quantize", "fp8"])):
+    for name, extra in (("plain", ()), ("fp8", ("--quantize", "fp8"))):
         files[name] = tmp_path / f"{name}.wav"
-        command = [sys.executable, "-m", "acestep_daemon", "generate", "--model", "tiny"]
-        result = subprocess.run(
-            [*command, *flags, *extra, "-o", str(files[name])],
-            cwd=REPO,
-            env=daemon_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=True,
-        )
-        assert ("quantize" in result.stdout) == (name == "fp8")
-        assert result.stderr.count("\n") == 1, result.stderr  # the tiny warning alone
+        result = generate(tiny_checkpoint, *flags, *extra, "-o", str(files[name]))
+        assert ("quantize" in summary(result)) == (name == "fp8")
+        assert result.stderr == ""  # no library's import-time warnings
     plain, fp8 = (torch.from_numpy(soundfile.read(files[n])[0]) for n in ("plain", "fp8"))
     assert 0 < relative_error(fp8, plain) < 0.15
 
