@@ -337,12 +337,11 @@ class QueueFront:
         self._end(handle, RemoteResult(answer))
 
     def _end(self, handle: JobHandle, outcome: RemoteResult | BaseException) -> None:
-        """Answer the job once; forget it here and on the queue."""
-        handle._finish(outcome)  # type: ignore[arg-type]
-        with self._lock:
-            self._active.pop(handle.id, None)
-            self._stream_of.pop(handle.id, None)
-            self._ended.remember(handle.id, handle.result)
+        """Forget the job on the queue and here, then answer it once.
+
+        The queue is cleared first so that whoever holds the answer finds no trace of the job
+        left behind by this front.
+        """
         try:
             with self.client.pipeline(transaction=True) as batch:
                 batch.hdel(self.keys.front(self.name), handle.id)
@@ -350,6 +349,11 @@ class QueueFront:
                 batch.execute()
         except redis.RedisError as error:
             logger.warning("job %s: could not clear it from the queue: %s", handle.id, error)
+        handle._finish(outcome)  # type: ignore[arg-type]
+        with self._lock:
+            self._active.pop(handle.id, None)
+            self._stream_of.pop(handle.id, None)
+            self._ended.remember(handle.id, handle.result)
 
     # -- helpers ----------------------------------------------------------------------
 
