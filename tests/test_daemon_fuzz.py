@@ -68,8 +68,8 @@ def invalid_request_lines() -> st.SearchStrategy[bytes]:
 
 TEXT = {"lyrics", "metas", "language"}
 OPTIONAL_TEXT = {"key", "time_signature"}
-NUMBERS = {"duration_s", "shift"}
-OPTIONAL_NUMBERS = {"repaint_start_s", "repaint_end_s"}
+NUMBERS = {"duration_s"}
+OPTIONAL_NUMBERS = {"shift", "repaint_start_s", "repaint_end_s"}
 OPTIONAL_INTEGERS = {"seed", "bpm"}
 PATHS = {"output", "reference_audio", "src_audio"}
 
