@@ -1,10 +1,12 @@
-"""Adapter files -> `model.lora.LoraAdapter`: PEFT LoRA folders, ComfyUI-style LoRA files and
-LyCORIS LoKr files.
+"""Adapter files -> `model.lora.LoraAdapter`: PEFT LoRA and DoRA folders, ComfyUI-style LoRA
+files and LyCORIS LoKr files.
 
 A PEFT folder holds `adapter_config.json` and `adapter_model.safetensors` with keys such as
 `base_model.model.layers.0.self_attn.q_proj.lora_A.weight`, relative to the decoder (upstream
-wraps `model.decoder` with PEFT). A single `.safetensors` file uses the same names (ComfyUI's
-layout), optionally with a `<module>.alpha` scalar per module; without one, alpha = rank.
+wraps `model.decoder` with PEFT). A DoRA folder (`use_dora` in the config) adds each module's
+magnitude, `<module>.lora_magnitude_vector`. A single `.safetensors` file uses the same names
+(ComfyUI's layout), optionally with a `<module>.alpha` scalar per module; without one,
+alpha = rank.
 
 A LoKr adapter is what upstream trains and loads with LyCORIS
 (`acestep/core/generation/handler/lora/lifecycle.py`): a `lokr_weights.safetensors` file (or a
@@ -30,7 +32,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from acestep_daemon.errors import InvalidRequest
-from acestep_daemon.model.lora import LokrUpdate, LoraAdapter, LoraUpdate, adapter_mismatch
+from acestep_daemon.model.lora import (
+    DoraUpdate,
+    LokrUpdate,
+    LoraAdapter,
+    LoraUpdate,
+    adapter_mismatch,
+)
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -46,7 +54,8 @@ _LOKR_KEY = re.compile(
     r"|lokr_w2_b|lokr_t2|alpha|dora_scale)$"
 )
 _KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:lora_(?P<part>[AB])(?:\.[^.]+)?\.weight|alpha)$"
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\."
+    r"(?:lora_(?P<part>A|B|magnitude_vector)(?:\.[^.]+)?(?:\.weight)?|alpha)$"
 )
 
 
@@ -78,8 +87,6 @@ def _read_peft_folder(folder: Path) -> LoraAdapter:
         raise InvalidRequest(f"unreadable {config_file}: {exc}") from exc
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise InvalidRequest(f"{config_file}: only LoRA adapters (peft_type LORA) are supported")
-    if config.get("use_dora"):
-        raise InvalidRequest(f"{config_file}: DoRA adapters are not supported")
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
     patterns = config.get("alpha_pattern") or {}
 
@@ -89,8 +96,8 @@ def _read_peft_folder(folder: Path) -> LoraAdapter:
                 return float(value)
         return alpha
 
-    rslora = bool(config.get("use_rslora"))
-    return _build(_load(weights_file), alpha_of, rslora, str(folder))
+    rslora, dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
+    return _build(_load(weights_file), alpha_of, rslora, dora, str(folder))
 
 
 def _read_single_file(file: Path) -> LoraAdapter:
@@ -100,7 +107,8 @@ def _read_single_file(file: Path) -> LoraAdapter:
         for k, t in tensors.items()
         if (m := _KEY.match(k)) and m.group("part") is None
     }
-    return _build(tensors, alphas.get, False, str(file))
+    dora = any(k.endswith(".lora_magnitude_vector") for k in tensors)
+    return _build(tensors, alphas.get, False, dora, str(file))
 
 
 def _is_lokr(file: Path) -> bool:
@@ -177,8 +185,11 @@ def _load(file: Path) -> dict[str, torch.Tensor]:
         raise InvalidRequest(f"unreadable LoRA weights {file}: {exc}") from exc
 
 
-def _build(tensors: dict[str, torch.Tensor], alpha_of, rslora: bool, source: str) -> LoraAdapter:
-    """Pair lora_A / lora_B per module; module paths get the `decoder.` prefix."""
+def _build(
+    tensors: dict[str, torch.Tensor], alpha_of, rslora: bool, dora: bool, source: str
+) -> LoraAdapter:
+    """Pair lora_A / lora_B (and a DoRA magnitude) per module; module paths get the `decoder.`
+    prefix."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -189,15 +200,21 @@ def _build(tensors: dict[str, torch.Tensor], alpha_of, rslora: bool, source: str
     if not parts:
         raise InvalidRequest(f"{source} holds no LoRA weights")
     adapter: LoraAdapter = {}
+    expected = {"A", "B", "magnitude_vector"} if dora else {"A", "B"}
     for module, pair in parts.items():
-        if set(pair) != {"A", "B"}:
-            raise InvalidRequest(f"{source}: {module} lacks its lora_A or lora_B weight")
+        if set(pair) != expected:
+            missing = ", ".join(f"lora_{p}" for p in sorted(expected - set(pair))) or None
+            problem = f"lacks {missing}" if missing else "has a DoRA magnitude but no use_dora"
+            raise InvalidRequest(f"{source}: {module} {problem}")
         rank = pair["A"].shape[0]
         alpha = alpha_of(module)
         alpha = float(rank) if alpha is None else alpha
         scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         name = module if module.startswith("decoder.") else f"decoder.{module}"
-        adapter[name] = LoraUpdate(pair["A"].float(), pair["B"].float(), scaling)
+        update = LoraUpdate(pair["A"].float(), pair["B"].float(), scaling)
+        if dora:
+            update = DoraUpdate(**vars(update), magnitude=pair["magnitude_vector"].float())
+        adapter[name] = update
     return adapter
 
 

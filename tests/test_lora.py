@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from acestep_daemon.adapters import AdapterCache, read_adapter
 from acestep_daemon.errors import InvalidRequest
 from acestep_daemon.model import AceStepModel
-from acestep_daemon.model.lora import adapters_applied
+from acestep_daemon.model.lora import LoraUpdate, adapter_kind, adapters_applied
 from acestep_daemon.tiny import dit_config, make_tiny_lora
 
 
@@ -124,7 +124,17 @@ def test_xl_adapter_on_the_2b_model_is_a_clear_invalid_request(
         AdapterCache().get(xl, model)
 
 
-@pytest.mark.parametrize("problem", ["missing", "no_config", "dora", "lokr", "stray_key"])
+@pytest.mark.parametrize(
+    "problem",
+    [
+        "missing",
+        "no_config",
+        "dora_without_magnitudes",
+        "magnitudes_without_dora",
+        "lokr",
+        "stray_key",
+    ],
+)
 def test_broken_adapters_are_invalid_requests(
     model: AceStepModel, peft_folder: Path, tmp_path: Path, problem: str
 ) -> None:
@@ -132,8 +142,10 @@ def test_broken_adapters_are_invalid_requests(
     folder.mkdir()
     weights = load_file(peft_folder / "adapter_model.safetensors")
     config = json.loads((peft_folder / "adapter_config.json").read_text())
-    if problem == "dora":
+    if problem == "dora_without_magnitudes":
         config["use_dora"] = True
+    if problem == "magnitudes_without_dora":
+        weights["base_model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.ones(32)
     if problem == "lokr":
         config["peft_type"] = "LOKR"
     if problem == "stray_key":
@@ -245,3 +257,55 @@ def test_lora_fixture_catches_porting_mistakes(
     square = [n for n, w in reference.items() if w.shape[0] == w.shape[1]]
     ours = effective_weights(model, wrong, 0.5, square)
     assert not any(torch.equal(ours[n], reference[n]) for n in square)
+
+
+@pytest.fixture(scope="module")
+def dora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_lora(tmp_path_factory.mktemp("dora") / "peft", dit_config("turbo"), dora=True)
+
+
+def test_dora_equals_peft_bit_for_bit(model: AceStepModel, dora_folder: Path) -> None:
+    """`dora_0.5`: upstream's load (`PeftModel.from_pretrained`) of `make_tiny_lora(...,
+    dora=True)`, its `set_lora_scale(0.5)`, PEFT's unmerged forward on an identity."""
+    adapter = AdapterCache().get(dora_folder, model)
+    assert adapter_kind(adapter) == "dora"
+    reference = load_file(FIXTURES / "dora_0.5.safetensors")
+    ours = effective_weights(model, adapter, 0.5, reference)
+    for name, weight in reference.items():
+        assert torch.equal(ours[name], weight), name
+
+
+@pytest.mark.parametrize("mistake", ["magnitude_ignored", "norm_without_update", "norm_per_column"])
+def test_dora_fixture_catches_porting_mistakes(
+    model: AceStepModel, dora_folder: Path, mistake: str
+) -> None:
+    """Plain LoRA in place of DoRA; g = m / ‖W‖ (the update left out of the norm); the norm over
+    the input dimension. The last two are made by rescaling m so that our norm cancels."""
+    adapter = AdapterCache().get(dora_folder, model)
+    reference = load_file(FIXTURES / "dora_0.5.safetensors")
+    square = [n for n, w in reference.items() if w.shape[0] == w.shape[1]]
+    modules = dict(model.named_modules())
+    mistaken: dict[str, LoraUpdate] = {}
+    for name in square:
+        path = "decoder." + name.removesuffix(".weight")
+        update = adapter[path]
+        if mistake == "magnitude_ignored":
+            mistaken[path] = LoraUpdate(update.down, update.up, update.scaling)
+            continue
+        weight = modules[path].weight.detach()
+        adapted = weight + 0.5 * update.scaling * update.up @ update.down  # [out, in]
+        wrong_norm = weight.norm(dim=1) if mistake == "norm_without_update" else adapted.norm(dim=0)
+        magnitude = update.magnitude * adapted.norm(dim=1) / wrong_norm
+        mistaken[path] = dataclasses.replace(update, magnitude=magnitude)
+    ours = effective_weights(model, mistaken, 0.5, square)
+    for name in square:
+        error = (ours[name] - reference[name]).abs().max()
+        assert error > 1e-3 * reference[name].abs().max(), name
+
+
+def test_dora_scale_zero_is_the_base_model(
+    model: AceStepModel, dora_folder: Path, inputs: tuple
+) -> None:
+    adapter = AdapterCache().get(dora_folder, model)
+    assert torch.equal(velocity(model, inputs, adapter, 0.0), velocity(model, inputs))
+    assert not torch.allclose(velocity(model, inputs, adapter, 1.0), velocity(model, inputs))

@@ -8,6 +8,7 @@ scale per row lose about what bf16 loses, and a porting mistake still lands outs
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +16,19 @@ from pathlib import Path
 import pytest
 import soundfile
 import torch
-from model_fixtures import load_tiny_model, relative_error
+from model_fixtures import TINY, load_tiny_model, relative_error
 from test_cli_generate import generate, summary
 from test_model_sampler import bf16_error_budget, fixture_generation, load_fp32_result
 from torch import nn
 
+from acestep_daemon.adapters import AdapterCache
 from acestep_daemon.checkpoint import CheckpointPaths
 from acestep_daemon.model import AceStepModel
+from acestep_daemon.model.lora import adapters_applied
 from acestep_daemon.model.quantize import quantization_kind, quantize_linears
 from acestep_daemon.params import GenerationParams
 from acestep_daemon.pipeline import Pipeline
+from acestep_daemon.tiny import make_tiny_lora
 from tests.daemon_harness import REPO, daemon_env, running
 
 CPU = torch.device("cpu")
@@ -80,6 +84,30 @@ def test_a_porting_mistake_under_int8_falls_outside_the_budget(change: dict) -> 
     """The budget still tells a wrong network from int8's rounding."""
     out = fixture_generation(quantized("int8", **change), torch.float32)
     assert relative_error(out, load_fp32_result()) > bf16_error_budget()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_dora_on_quantized_weights_rescales_their_dequantized_rows(
+    scheme: str, tmp_path: Path
+) -> None:
+    """DoRA's row norms need the base weights: from 8-bit ones, their dequantized values. The
+    adapted projections then differ from the full-precision ones by about what 8 bits lose."""
+    config = json.loads((TINY / "config.json").read_text())
+    adapter_path = make_tiny_lora(tmp_path / "dora", config, dora=True)
+    plain, small = load_tiny_model(), quantized(scheme)
+    adapted = {}
+    for name, model in (("plain", plain), ("small", small)):
+        projection = model.get_submodule("decoder.layers.0.self_attn.q_proj")
+        x = torch.randn(4, projection.in_features, generator=torch.Generator().manual_seed(0))
+        adapter = AdapterCache().get(adapter_path, model)
+        with torch.no_grad():
+            before = projection(x)
+            with adapters_applied(model, [(adapter, 1.0)]):
+                adapted[name] = projection(x)
+        adapted[f"{name} base"] = before
+    quantization_loss = relative_error(adapted["small base"], adapted["plain base"])
+    assert 0 < relative_error(adapted["small"], adapted["plain"]) < 4 * quantization_loss + 1e-3
+    assert relative_error(adapted["plain"], adapted["plain base"]) > 0.1  # DoRA does change it
 
 
 def test_a_quantized_pipeline_keeps_its_dtype_when_it_moves(tiny_checkpoint: Path) -> None:

@@ -3,6 +3,12 @@
 An adapter maps module paths (`decoder.layers.3.self_attn.q_proj`) to an update:
 - `LoraUpdate`: down [r, in], up [out, r] and a scaling (alpha / r); the projection returns
   W·x + b + (up · down · x)·scaling·scale, the forward of an unmerged PEFT LoRA layer.
+- `DoraUpdate`: a LoRA update and a magnitude m [out] (DoRA, arXiv:2402.09353); with
+  s = scaling·scale and g = m / ‖W + s·up·down‖ (each output row's L2 norm), the projection
+  returns g ⊙ (W·x + s·up·down·x) + b, the forward of an unmerged PEFT DoRA layer
+  (`peft/tuners/lora/dora.py`, `DoraLinearLayer.forward`). Like PEFT's, it rescales what the
+  projection returned before it, so an adapter applied earlier on the same projection is
+  rescaled too.
 - `LokrUpdate`: LyCORIS's Kronecker factors w1 [a, b], w2 [c, d] with a·c = out, b·d = in;
   the projection returns W·x + b + (kron(w1, w2) · x)·scaling·scale, the forward of LyCORIS's
   LoKr module (`LokrModule._rebuild_forward`) at multiplier `scale`.
@@ -33,6 +39,17 @@ class LoraUpdate:
 
 
 @dataclass(frozen=True)
+class DoraUpdate(LoraUpdate):
+    """A LoRA update whose adapted rows are rescaled to the magnitudes m [out]."""
+
+    magnitude: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> DoraUpdate:
+        low_rank = LoraUpdate.to(self, device, dtype)
+        return DoraUpdate(**vars(low_rank), magnitude=self.magnitude.to(device, dtype))
+
+
+@dataclass(frozen=True)
 class LokrUpdate:
     """One projection's Kronecker update: w1 [a, b], w2 [c, d], scaling alpha / dim."""
 
@@ -49,15 +66,18 @@ class LokrUpdate:
         return LokrUpdate(self.w1.to(device, dtype), self.w2.to(device, dtype), self.scaling)
 
 
-Update = LoraUpdate | LokrUpdate
+Update = LoraUpdate | DoraUpdate | LokrUpdate
 
 LoraAdapter = dict[str, Update]
 """Module path in `AceStepModel` -> its update."""
 
 
 def adapter_kind(adapter: LoraAdapter) -> str:
-    """ "lokr" or "lora", as the adapter's updates are."""
-    return "lokr" if any(isinstance(u, LokrUpdate) for u in adapter.values()) else "lora"
+    """ "lokr", "dora" or "lora", as the adapter's updates are."""
+    for kind, update_type in (("lokr", LokrUpdate), ("dora", DoraUpdate)):
+        if any(isinstance(u, update_type) for u in adapter.values()):
+            return kind
+    return "lora"
 
 
 def adapter_mismatch(model: nn.Module, adapter: LoraAdapter) -> str | None:
@@ -76,6 +96,9 @@ def adapter_mismatch(model: nn.Module, adapter: LoraAdapter) -> str | None:
                 update.up.shape
             ) == (module.out_features, rank)
             shapes = f"{tuple(update.down.shape)}, {tuple(update.up.shape)}"
+            if isinstance(update, DoraUpdate):
+                fits = fits and tuple(update.magnitude.shape) == (module.out_features,)
+                shapes += f", magnitude {tuple(update.magnitude.shape)}"
         if not fits:
             return (
                 f"{name}: adapter shapes {shapes} "
@@ -90,7 +113,9 @@ def adapters_applied(
 ) -> Iterator[None]:
     """Add each adapter at its scale to the model's projections for the duration of the block.
 
-    The updates of several adapters on one projection add up. Scale 0 adds nothing at all.
+    The updates of several adapters on one projection add up, in order (a DoRA update also
+    rescales the ones before it). Scale 0 adds nothing at all (a DoRA adapter is off, as
+    upstream's LoRA switch leaves it).
     Each adapter must fit (`adapter_mismatch`) and live on the model's device in its dtype.
     """
     modules = dict(model.named_modules())
@@ -99,7 +124,8 @@ def adapters_applied(
         if scale == 0.0:
             continue
         for name, update in adapter.items():
-            handles.append(modules[name].register_forward_hook(_hook(update, scale)))
+            module = modules[name]
+            handles.append(module.register_forward_hook(_hook(update, scale, module)))
     try:
         yield
     finally:
@@ -110,8 +136,10 @@ def adapters_applied(
 Hook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
 
 
-def _hook(update: Update, scale: float) -> Hook:
+def _hook(update: Update, scale: float, module: nn.Linear) -> Hook:
     """A forward hook adding the update, [..., in] -> [..., out], to the projection's output."""
+    if isinstance(update, DoraUpdate):
+        return _dora_hook(update, scale, module)
     if isinstance(update, LokrUpdate):
         delta = torch.kron(update.w1, update.w2) * update.scaling * scale  # [out, in]
 
@@ -130,3 +158,25 @@ def _hook(update: Update, scale: float) -> Hook:
         return output + F.linear(low, update.up) * factor
 
     return add_update
+
+
+def _dora_hook(update: DoraUpdate, scale: float, module: nn.Linear) -> Hook:
+    """The DoRA forward: the projection's output without its bias, W·x, becomes g ⊙ W·x and
+    g ⊙ s·up·down·x is added, g = m / ‖W + s·up·down‖ per output row (computed once here, in
+    float32 whatever the dtype; PEFT's order of operations, so fp32 results equal PEFT's)."""
+    factor = update.scaling * scale
+    weight = module.weight.dequantize().float()  # torchao's 8-bit weights too
+    down, up = update.down.float(), update.up.float()
+    eye = torch.eye(down.shape[1], device=down.device)
+    low_rank = F.linear(F.linear(eye, down), up).T  # [out, in]
+    row_norm = torch.linalg.norm(weight + factor * low_rank, dim=1)  # [out]
+    gain = (update.magnitude.float() / row_norm).to(update.down.dtype)  # [out]
+
+    def add_dora(
+        _: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        unbiased = output if module.bias is None else output - module.bias  # [..., out]
+        low = F.linear(F.linear(inputs[0], update.down), update.up)  # [..., out]
+        return output + ((gain - 1) * unbiased + gain * low * factor)
+
+    return add_dora

@@ -1,10 +1,11 @@
-"""Tiny random adapters for a tiny checkpoint: LoRA (a PEFT folder or a single file) and
-LyCORIS LoKr (upstream's `lokr_weights.safetensors`).
+"""Tiny random adapters for a tiny checkpoint: LoRA and DoRA (a PEFT folder or a single file)
+and LyCORIS LoKr (upstream's `lokr_weights.safetensors`).
 
 Upstream trains rank-8 PEFT adapters (alpha 16) on the decoder's attention projections
 (`q_proj`, `k_proj`, `v_proj`, `o_proj` of every self- and cross-attention); this writes the
 same key names and config fields at tiny sizes. Unlike a freshly initialised PEFT adapter
-(whose up matrices start at zero), both matrices are random, so the adapter changes the output.
+(whose up matrices start at zero), both matrices are random, so the adapter changes the output;
+a DoRA adapter's magnitudes are random too (PEFT starts them at the adapted rows' norms).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ def make_tiny_lora(
     alpha: float = 8.0,
     seed: int = 0,
     single_file: bool = False,
+    dora: bool = False,
 ) -> Path:
     """Write an adapter for the DiT described by `config` (a config.json dict) and return it.
 
     PEFT: a folder `dest` with adapter_config.json and adapter_model.safetensors.
     single_file: `dest` is one .safetensors file in ComfyUI's layout (PEFT key names plus a
     `<module>.alpha` scalar per module).
+    dora: PEFT's DoRA (`use_dora`), a `lora_magnitude_vector` [out] per module as PEFT saves it.
     """
     arch = AceStepConfig.from_dict(config)
     q_width = arch.num_attention_heads * arch.head_dim
@@ -57,6 +60,9 @@ def make_tiny_lora(
                 up = torch.randn(fan_out, rank, generator=generator) / rank**0.5
                 tensors[f"{name}.lora_A.weight"] = down
                 tensors[f"{name}.lora_B.weight"] = up
+                if dora:
+                    magnitude = 0.5 + torch.rand(fan_out, generator=generator)
+                    tensors[f"{name}.lora_magnitude_vector"] = magnitude
                 if single_file:
                     tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
     dest = Path(dest)
@@ -75,7 +81,7 @@ def make_tiny_lora(
         "target_modules": list(TARGET_MODULES),
         "bias": "none",
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": dora,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
