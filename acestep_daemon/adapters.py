@@ -14,6 +14,7 @@ folder holding one, or any `.safetensors` with LoKr keys) with keys such as
 `lycoris_layers_0_self_attn_q_proj.lokr_w1`, the decoder's module path with `_` for `.`, and
 upstream's `LoKRConfig` as JSON in the `lokr_config` metadata entry. Its scaling is LyCORIS's:
 linear_alpha / linear_dim (√linear_dim with rs_lora), and 1 where neither factor is low-rank.
+With `weight_decompose` (LyCORIS's DoRA) each module also holds its `dora_scale` magnitudes.
 
 Adapters are cached by path; every problem is an `InvalidRequest`.
 """
@@ -144,8 +145,7 @@ def _read_lokr(file: Path) -> LoraAdapter:
     """A LyCORIS LoKr file; module names stay flat (`decoder.layers_0_self_attn_q_proj`) until
     `AdapterCache` matches them to the model's module paths."""
     config = _lokr_config(file)
-    if config.get("weight_decompose"):
-        raise InvalidRequest(f"{file}: LoKr with weight_decompose (DoRA) is not supported")
+    decomposed = bool(config.get("weight_decompose"))
     dim = int(config.get("linear_dim", LOKR_DEFAULT_DIM))
     alpha = float(config.get("linear_alpha", LOKR_DEFAULT_ALPHA)) or float(dim)
     low_rank_scaling = alpha / (math.sqrt(dim) if config.get("rs_lora") else dim)
@@ -159,13 +159,19 @@ def _read_lokr(file: Path) -> LoraAdapter:
         raise InvalidRequest(f"{file} holds no LoKr weights")
     adapter: LoraAdapter = {}
     for module, weights in parts.items():
-        if "dora_scale" in weights or "lokr_t2" in weights:
-            raise InvalidRequest(f"{file}: {module} uses DoRA or Tucker LoKr, not supported")
+        if "lokr_t2" in weights:
+            raise InvalidRequest(f"{file}: {module} uses Tucker LoKr, not supported")
+        if decomposed != ("dora_scale" in weights):
+            state = "lacks its" if decomposed else "has a"
+            raise InvalidRequest(
+                f"{file}: {module} {state} dora_scale, but weight_decompose is {decomposed}"
+            )
         w1, w2 = _factor(weights, "lokr_w1"), _factor(weights, "lokr_w2")
         if w1 is None or w2 is None:
             raise InvalidRequest(f"{file}: {module} lacks its lokr_w1 or lokr_w2 weights")
         full = "lokr_w1" in weights and "lokr_w2" in weights  # LyCORIS: scale 1
-        adapter[f"decoder.{module}"] = LokrUpdate(w1, w2, 1.0 if full else low_rank_scaling)
+        scaling = 1.0 if full else low_rank_scaling
+        adapter[f"decoder.{module}"] = LokrUpdate(w1, w2, scaling, weights.get("dora_scale"))
     return adapter
 
 

@@ -1,5 +1,5 @@
-"""Several adapters (a PEFT LoRA and a LyCORIS LoKr) in one request, and a PEFT DoRA, through a
-real daemon."""
+"""Several adapters (a PEFT LoRA and a LyCORIS LoKr) in one request, and the weight-decomposed
+kinds (a PEFT DoRA, a LoKr with weight_decompose), through a real daemon."""
 
 from __future__ import annotations
 
@@ -34,9 +34,12 @@ def test_two_adapters_run_each_at_its_scale_and_the_answer_names_them(tmp_path: 
         wrong = generate(daemon, tmp_path / "e", steps=2, lora=both, lora_scale=0.5)[-1]
         assert wrong["code"] == "invalid_request" and "lora_scale" in wrong["error"]
         dora = make_tiny_lora(tmp_path / "dora", dit_config("sft"), dora=True)
-        with_dora = generate(
-            daemon, tmp_path / "f", steps=2, lora=[*both[:1], {"path": str(dora)}]
-        )[-1]
-        assert with_dora["adapters"][1] == {"path": str(dora), "scale": 1.0, "kind": "dora"}
+        dokr = make_tiny_lokr(tmp_path / "dokr", dit_config("sft"), weight_decompose=True)
+        decomposed = [*both[:1], {"path": str(dora)}, {"path": str(dokr), "scale": 0.5}]
+        with_dora = generate(daemon, tmp_path / "f", steps=2, lora=decomposed)[-1]
+        assert with_dora["adapters"][1:] == [
+            {"path": str(dora), "scale": 1.0, "kind": "dora"},
+            {"path": str(dokr), "scale": 0.5, "kind": "lokr"},
+        ]
         assert not (soundfile.read(with_dora["path"])[0] == read[2]).all()
         assert daemon.status()["loaded"] is True

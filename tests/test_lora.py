@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from acestep_daemon.adapters import AdapterCache, read_adapter
 from acestep_daemon.errors import InvalidRequest
 from acestep_daemon.model import AceStepModel
-from acestep_daemon.model.lora import LoraUpdate, adapter_kind, adapters_applied
-from acestep_daemon.tiny import dit_config, make_tiny_lora
+from acestep_daemon.model.lora import LokrUpdate, LoraUpdate, adapter_kind, adapters_applied
+from acestep_daemon.tiny import dit_config, make_tiny_lokr, make_tiny_lora
 
 
 def tiny_model(variant: str = "turbo") -> AceStepModel:
@@ -309,3 +310,58 @@ def test_dora_scale_zero_is_the_base_model(
     adapter = AdapterCache().get(dora_folder, model)
     assert torch.equal(velocity(model, inputs, adapter, 0.0), velocity(model, inputs))
     assert not torch.allclose(velocity(model, inputs, adapter, 1.0), velocity(model, inputs))
+
+
+@pytest.fixture(scope="module")
+def decomposed_lokr(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("lokr") / "decomposed"
+    return make_tiny_lokr(folder, dit_config("turbo"), weight_decompose=True)
+
+
+def test_weight_decomposed_lokr_equals_lycoris_bit_for_bit(
+    model: AceStepModel, decomposed_lokr: Path
+) -> None:
+    """`lokr_dora_0.5`: `make_tiny_lokr(..., weight_decompose=True)` loaded as upstream does
+    (`create_lycoris(..., dora_wd=True)`), LyCORIS's forward at multiplier 0.5."""
+    adapter = AdapterCache().get(decomposed_lokr, model)
+    reference = load_file(FIXTURES / "lokr_dora_0.5.safetensors")
+    ours = effective_weights(model, adapter, 0.5, reference)
+    for name, weight in reference.items():
+        assert torch.equal(ours[name], weight), name
+
+
+@pytest.mark.parametrize("mistake", ["magnitude_ignored", "scale_on_the_update", "norm_per_column"])
+def test_weight_decomposed_lokr_fixture_catches_porting_mistakes(
+    model: AceStepModel, decomposed_lokr: Path, mistake: str
+) -> None:
+    """Plain LoKr; the scale applied to Δ (as plain LoKr does) rather than to the rescaling;
+    the norm over the input dimension."""
+    adapter = AdapterCache().get(decomposed_lokr, model)
+    reference = load_file(FIXTURES / "lokr_dora_0.5.safetensors")
+    square = [n for n, w in reference.items() if w.shape[0] == w.shape[1]]
+    mistaken: dict[str, LokrUpdate] = {}
+    for name in square:
+        path = "decoder." + name.removesuffix(".weight")
+        update = adapter[path]
+        if mistake == "magnitude_ignored":
+            mistaken[path] = dataclasses.replace(update, magnitude=None)
+        elif mistake == "scale_on_the_update":
+            mistaken[path] = dataclasses.replace(update, scaling=update.scaling * 0.5)
+        else:
+            mistaken[path] = dataclasses.replace(update, magnitude=update.magnitude.T)
+    scale = 1.0 if mistake == "scale_on_the_update" else 0.5
+    ours = effective_weights(model, mistaken, scale, square)
+    for name in square:
+        error = (ours[name] - reference[name]).abs().max()
+        assert error > 1e-3 * reference[name].abs().max(), name
+
+
+def test_lokr_whose_config_and_weights_disagree_on_decomposition_is_invalid(
+    model: AceStepModel, decomposed_lokr: Path, tmp_path: Path
+) -> None:
+    with safe_open(decomposed_lokr, framework="pt") as handle:
+        metadata = handle.metadata()
+        weights = {k: handle.get_tensor(k) for k in handle.keys() if not k.endswith("dora_scale")}  # noqa: SIM118
+    save_file(weights, str(tmp_path / "lokr_weights.safetensors"), metadata=metadata)
+    with pytest.raises(InvalidRequest, match="lacks its dora_scale"):
+        AdapterCache().get(tmp_path, model)

@@ -28,7 +28,7 @@ from acestep_daemon.model.lora import adapters_applied
 from acestep_daemon.model.quantize import quantization_kind, quantize_linears
 from acestep_daemon.params import GenerationParams
 from acestep_daemon.pipeline import Pipeline
-from acestep_daemon.tiny import make_tiny_lora
+from acestep_daemon.tiny import make_tiny_lokr, make_tiny_lora
 from tests.daemon_harness import REPO, daemon_env, running
 
 CPU = torch.device("cpu")
@@ -86,14 +86,18 @@ def test_a_porting_mistake_under_int8_falls_outside_the_budget(change: dict) -> 
     assert relative_error(out, load_fp32_result()) > bf16_error_budget()
 
 
+@pytest.mark.parametrize("kind", ["dora", "decomposed lokr"])
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
-def test_dora_on_quantized_weights_rescales_their_dequantized_rows(
-    scheme: str, tmp_path: Path
+def test_weight_decomposition_on_quantized_weights_uses_their_dequantized_rows(
+    scheme: str, kind: str, tmp_path: Path
 ) -> None:
     """DoRA's row norms need the base weights: from 8-bit ones, their dequantized values. The
     adapted projections then differ from the full-precision ones by about what 8 bits lose."""
     config = json.loads((TINY / "config.json").read_text())
-    adapter_path = make_tiny_lora(tmp_path / "dora", config, dora=True)
+    if kind == "dora":
+        adapter_path = make_tiny_lora(tmp_path / "dora", config, dora=True)
+    else:
+        adapter_path = make_tiny_lokr(tmp_path / "lokr", config, weight_decompose=True)
     plain, small = load_tiny_model(), quantized(scheme)
     adapted = {}
     for name, model in (("plain", plain), ("small", small)):
@@ -107,7 +111,7 @@ def test_dora_on_quantized_weights_rescales_their_dequantized_rows(
         adapted[f"{name} base"] = before
     quantization_loss = relative_error(adapted["small base"], adapted["plain base"])
     assert 0 < relative_error(adapted["small"], adapted["plain"]) < 4 * quantization_loss + 1e-3
-    assert relative_error(adapted["plain"], adapted["plain base"]) > 0.1  # DoRA does change it
+    assert relative_error(adapted["plain"], adapted["plain base"]) > 0.1  # the adapter acts
 
 
 def test_a_quantized_pipeline_keeps_its_dtype_when_it_moves(tiny_checkpoint: Path) -> None:

@@ -11,7 +11,12 @@ An adapter maps module paths (`decoder.layers.3.self_attn.q_proj`) to an update:
   rescaled too.
 - `LokrUpdate`: LyCORIS's Kronecker factors w1 [a, b], w2 [c, d] with a·c = out, b·d = in;
   the projection returns W·x + b + (kron(w1, w2) · x)·scaling·scale, the forward of LyCORIS's
-  LoKr module (`LokrModule._rebuild_forward`) at multiplier `scale`.
+  LoKr module (`LokrModule._rebuild_forward`) at multiplier `scale`. With a magnitude
+  (LyCORIS's weight decomposition, `dora_scale` m [out, 1]) the projection's weight becomes
+  W' = (W + Δ) ⊙ (scale·(m / ‖W + Δ‖ − 1) + 1), Δ = kron(w1, w2)·scaling, the norm per
+  output row (per input column for m [1, in]) plus float32's eps: at scale 1 the adapted
+  rows take the magnitudes, and the scale blends the rescaling, not Δ (LyCORIS's
+  `weight_decompose`).
 Nothing is merged into the weights, so removing the adapters restores the base model exactly.
 """
 
@@ -51,11 +56,13 @@ class DoraUpdate(LoraUpdate):
 
 @dataclass(frozen=True)
 class LokrUpdate:
-    """One projection's Kronecker update: w1 [a, b], w2 [c, d], scaling alpha / dim."""
+    """One projection's Kronecker update: w1 [a, b], w2 [c, d], scaling alpha / dim, and with
+    weight decomposition its magnitudes [out, 1] (or [1, in])."""
 
     w1: torch.Tensor
     w2: torch.Tensor
     scaling: float
+    magnitude: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,7 +70,9 @@ class LokrUpdate:
         return (self.w1.shape[0] * self.w2.shape[0], self.w1.shape[1] * self.w2.shape[1])
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LokrUpdate:
-        return LokrUpdate(self.w1.to(device, dtype), self.w2.to(device, dtype), self.scaling)
+        magnitude = None if self.magnitude is None else self.magnitude.to(device, dtype)
+        w1, w2 = self.w1.to(device, dtype), self.w2.to(device, dtype)
+        return LokrUpdate(w1, w2, self.scaling, magnitude)
 
 
 Update = LoraUpdate | DoraUpdate | LokrUpdate
@@ -90,6 +99,10 @@ def adapter_mismatch(model: nn.Module, adapter: LoraAdapter) -> str | None:
         if isinstance(update, LokrUpdate):
             fits = update.shape == (module.out_features, module.in_features)
             shapes = f"{tuple(update.w1.shape)} ⊗ {tuple(update.w2.shape)}"
+            if update.magnitude is not None:
+                sides = {(module.out_features, 1), (1, module.in_features)}
+                fits = fits and tuple(update.magnitude.shape) in sides
+                shapes += f", magnitude {tuple(update.magnitude.shape)}"
         else:
             rank = update.down.shape[0]
             fits = tuple(update.down.shape) == (rank, module.in_features) and tuple(
@@ -141,7 +154,10 @@ def _hook(update: Update, scale: float, module: nn.Linear) -> Hook:
     if isinstance(update, DoraUpdate):
         return _dora_hook(update, scale, module)
     if isinstance(update, LokrUpdate):
-        delta = torch.kron(update.w1, update.w2) * update.scaling * scale  # [out, in]
+        if update.magnitude is None:
+            delta = torch.kron(update.w1, update.w2) * update.scaling * scale  # [out, in]
+        else:
+            delta = _decomposed_lokr_delta(update, scale, module)
 
         def add_kron(
             _: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
@@ -158,6 +174,20 @@ def _hook(update: Update, scale: float, module: nn.Linear) -> Hook:
         return output + F.linear(low, update.up) * factor
 
     return add_update
+
+
+def _decomposed_lokr_delta(update: LokrUpdate, scale: float, module: nn.Linear) -> torch.Tensor:
+    """W' − W [out, in] for a weight-decomposed LoKr update, in float32 in LyCORIS's order of
+    operations (so fp32 results equal LyCORIS's), returned in the update's dtype."""
+    assert update.magnitude is not None
+    weight = module.weight.dequantize().float()  # torchao's 8-bit weights too
+    merged = weight + torch.kron(update.w1.float(), update.w2.float()) * update.scaling
+    per_row = update.magnitude.shape[1] == 1
+    norm = merged.norm(dim=1 if per_row else 0, keepdim=True) + torch.finfo(torch.float32).eps
+    gain = update.magnitude.float() / norm  # [out, 1] or [1, in]
+    if scale != 1:
+        gain = scale * (gain - 1) + 1
+    return (merged * gain - weight).to(update.w1.dtype)
 
 
 def _dora_hook(update: DoraUpdate, scale: float, module: nn.Linear) -> Hook:

@@ -22,6 +22,20 @@ from acestep_daemon.model import AceStepConfig
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def _projection_shapes(arch: AceStepConfig) -> dict[str, tuple[int, int]]:
+    """(fan in, fan out) of each targeted projection; cross-attention reads the condition after
+    condition_embedder, so its keys and values take the hidden size too."""
+    q_width = arch.num_attention_heads * arch.head_dim
+    kv_width = arch.num_key_value_heads * arch.head_dim
+    hidden = arch.hidden_size
+    return {
+        "q_proj": (hidden, q_width),
+        "k_proj": (hidden, kv_width),
+        "v_proj": (hidden, kv_width),
+        "o_proj": (q_width, hidden),
+    }
+
+
 def make_tiny_lora(
     dest: Path,
     config: dict,
@@ -40,15 +54,7 @@ def make_tiny_lora(
     dora: PEFT's DoRA (`use_dora`), a `lora_magnitude_vector` [out] per module as PEFT saves it.
     """
     arch = AceStepConfig.from_dict(config)
-    q_width = arch.num_attention_heads * arch.head_dim
-    kv_width = arch.num_key_value_heads * arch.head_dim
-    hidden = arch.hidden_size  # cross-attention reads the condition after condition_embedder
-    shapes = {
-        "q_proj": (hidden, q_width),
-        "k_proj": (hidden, kv_width),
-        "v_proj": (hidden, kv_width),
-        "o_proj": (q_width, hidden),
-    }
+    shapes = _projection_shapes(arch)
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for layer in range(arch.num_hidden_layers):
@@ -96,24 +102,24 @@ def _factorization(dim: int) -> tuple[int, int]:
 
 
 def make_tiny_lokr(
-    dest: Path, config: dict, *, dim: int = 2, alpha: float = 3.0, seed: int = 0
+    dest: Path,
+    config: dict,
+    *,
+    dim: int = 2,
+    alpha: float = 3.0,
+    seed: int = 0,
+    weight_decompose: bool = False,
 ) -> Path:
     """Write a LoKr adapter for the DiT of `config` into the folder `dest` and return the file.
 
     The layout LyCORIS gives upstream's LoKRConfig at linear_dim `dim` on these sizes: w1
     [out_l, in_m] whole, w2 as the low-rank pair w2_a [out_k, dim] @ w2_b [dim, in_n], an
     `alpha` scalar per module, the config in the `lokr_config` metadata. Every factor is random.
+    weight_decompose: LyCORIS's DoRA (upstream's `weight_decompose`), a random `dora_scale`
+    [out, 1] per module (LyCORIS starts it at the rows' norms).
     """
     arch = AceStepConfig.from_dict(config)
-    q_width = arch.num_attention_heads * arch.head_dim
-    kv_width = arch.num_key_value_heads * arch.head_dim
-    hidden = arch.hidden_size
-    shapes = {
-        "q_proj": (hidden, q_width),
-        "k_proj": (hidden, kv_width),
-        "v_proj": (hidden, kv_width),
-        "o_proj": (q_width, hidden),
-    }
+    shapes = _projection_shapes(arch)
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for layer in range(arch.num_hidden_layers):
@@ -125,6 +131,10 @@ def make_tiny_lokr(
                 tensors[f"{name}.lokr_w2_a"] = torch.randn(out_k, dim, generator=generator)
                 tensors[f"{name}.lokr_w2_b"] = torch.randn(dim, in_n, generator=generator) / in_n
                 tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+                if weight_decompose:
+                    fan_out = out_l * out_k
+                    scale = 0.5 + torch.rand(fan_out, 1, generator=generator)
+                    tensors[f"{name}.dora_scale"] = scale
     lokr_config = {
         "linear_dim": dim,
         "linear_alpha": alpha,
@@ -132,7 +142,7 @@ def make_tiny_lokr(
         "decompose_both": False,
         "use_tucker": False,
         "use_scalar": False,
-        "weight_decompose": False,
+        "weight_decompose": weight_decompose,
         "target_modules": list(TARGET_MODULES),
         "full_matrix": False,
         "bypass_mode": False,
