@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -56,6 +57,31 @@ JOB_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{JOB_ID_MAX_CHARS}}}")
 
 IDLE_POLL_S = 0.1
 """How often a daemon with no idle worker looks again (at once when a queue job ends)."""
+
+FOLDER_PREFIX = "acestep-queue-"
+"""A worker's private folder for its jobs' files: `<temporary directory>/acestep-queue-<pid>-*`."""
+
+
+def private_folder() -> Path:
+    """A fresh private folder for this worker, after removing the ones this user's workers
+    left when they died without cleaning up (SIGKILL, a crash: no process has their pid)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
+        pid = folder.name.removeprefix(FOLDER_PREFIX).partition("-")[0]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and folder.stat().st_uid == os.getuid() and not _running(int(pid)):
+                logger.info("removing %s, left by a worker that died", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -98,7 +124,7 @@ class QueuePuller:
         self._taking = True
         self._closed = threading.Event()
         self._job_ended = threading.Event()
-        self._folder = Path(tempfile.mkdtemp(prefix="acestep-queue-"))
+        self._folder = private_folder()
         self._thread = threading.Thread(target=self._pull, name="acestep-queue", daemon=True)
         self._last_watch = 0.0
         self._streams = [keys.jobs]

@@ -25,7 +25,15 @@ import redis
 import soundfile
 
 from acestep_daemon.tiny import dit_config, make_tiny_lora
-from tests.daemon_harness import Daemon, ask, progress_client, read_line, spawn, until_running
+from tests.daemon_harness import (
+    Daemon,
+    ask,
+    daemon_env,
+    progress_client,
+    read_line,
+    spawn,
+    until_running,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="needs redis-server (.ci/run installs it)"
@@ -82,6 +90,7 @@ class Farm:
         self.checkpoint = checkpoint
         self.daemons: list[Daemon] = []
         self.queue = redis.Redis.from_url(url)
+        self.temporary = tmp / "tmp"
 
     def _queue_args(self) -> tuple[str, ...]:
         return ("--queue", self.url, "--queue-name", self.prefix, "--claim-idle", "2")
@@ -93,8 +102,11 @@ class Farm:
         return front
 
     def worker(self, name: str) -> Daemon:
+        """A worker whose temporary directory (its private folder's home) is the farm's."""
         args = ("--model-dir", str(self.checkpoint), *self._queue_args())
-        worker = spawn(self.tmp / name, *args)
+        self.temporary.mkdir(exist_ok=True)
+        env = daemon_env(self.tmp / name, TMPDIR=str(self.temporary))
+        worker = spawn(self.tmp / name, *args, env=env)
         self.daemons.append(worker)
         worker.wait_ready()
         return worker
@@ -210,6 +222,10 @@ def test_a_worker_killed_mid_job_its_job_is_answered_once_by_another(farm: Farm)
     assert answer["path"] == str(output) and soundfile.info(output).duration > 29
     assert "took over entry" in heir.stderr()
     assert farm.queue.xlen(f"{farm.prefix}:jobs:turbo") == 0
+    # the dead worker's private folder went when the heir started; the heir's is there
+    folders = [f.name for f in farm.temporary.iterdir()]
+    assert len(folders) == 1 and folders[0].startswith(f"acestep-queue-{heir.proc.pid}-")
+    assert "left by a worker that died" in heir.stderr()
 
 
 def test_cancel_through_the_queue_queued_and_running(farm: Farm) -> None:
