@@ -3,7 +3,8 @@
 The default home of the daemon is CUDA in bfloat16; these tests run it for real there: the
 DiT and the whole pipeline against the fp32 results, the float16 lyric encoder, the mask-free
 attention through the flash kernel, the daemon's answers and its out-of-memory fallback, the
-VAE's peak memory as the audio gets longer, `--offload` and `--quantize`.
+VAE's peak memory as the audio gets longer, `--offload` and `--quantize`, every adapter kind
+in bf16.
 `scripts/device-check` runs them on a lent GPU.
 """
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from model_fixtures import TINY, load_tiny_model, relative_error
 from safetensors.torch import load_file
+from test_lora import ADAPTER_KINDS, BF16_BUDGET, bf16_error
 from test_model_fp16 import overflowing_lyric_encoder
 from test_model_sampler import bf16_error_budget, load_fp32_result
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -249,3 +251,11 @@ def test_daemon_on_cuda_with_quantize_and_offload_answers_what_ran(
     assert answer["ok"] is True, answer
     assert answer["quantize"] == kind and answer["offload"] is True
     assert output.stat().st_size > 2 * SAMPLE_RATE
+
+
+@pytest.mark.parametrize("kind", ADAPTER_KINDS)
+def test_adapters_on_cuda_in_bf16_stay_within_bf16s_error_of_the_fp32_fixtures(
+    kind: str, tmp_path: Path
+) -> None:
+    """LoRA, DoRA, LoKr and weight-decomposed LoKr on CUDA (the norms of DoRA on the GPU)."""
+    assert bf16_error(kind, tmp_path / "adapter", CUDA) < BF16_BUDGET

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_fixtures import relative_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -175,7 +176,8 @@ def effective_weights(model: AceStepModel, adapter, scale: float, names) -> dict
         for name in names:
             module = modules["decoder." + name.removesuffix(".weight")]
             bias = 0.0 if module.bias is None else module.bias
-            out[name] = (module(torch.eye(module.in_features)) - bias).T
+            eye = torch.eye(module.in_features, device=module.weight.device)
+            out[name] = (module(eye.to(module.weight.dtype)) - bias).T.float().cpu()
     return out
 
 
@@ -365,3 +367,42 @@ def test_lokr_whose_config_and_weights_disagree_on_decomposition_is_invalid(
     save_file(weights, str(tmp_path / "lokr_weights.safetensors"), metadata=metadata)
     with pytest.raises(InvalidRequest, match="lacks its dora_scale"):
         AdapterCache().get(tmp_path, model)
+
+
+BF16_BUDGET = 2e-2
+"""How far a bf16 run of an adapted projection may land from the fp32 fixture: bf16 keeps 8
+significant bits (2^-9 ≈ 0.2 % per rounding), and the weights, the update and each product
+round; correct runs land at 0.7-0.8 %, a dropped magnitude at 23-65 %."""
+
+
+def adapter_case(kind: str, folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """An adapter of `kind` (written into `folder` where it is made here) and its fixture."""
+    turbo = dit_config("turbo")
+    if kind == "lora":
+        return make_tiny_lora(folder, turbo), load_file(FIXTURES / "lora_merged_0.5.safetensors")
+    if kind == "dora":
+        path = make_tiny_lora(folder, turbo, dora=True)
+        return path, load_file(FIXTURES / "dora_0.5.safetensors")
+    if kind == "lokr":
+        return FIXTURES, load_file(FIXTURES / "lokr_merged_0.5.safetensors")
+    path = make_tiny_lokr(folder, turbo, weight_decompose=True)
+    return path, load_file(FIXTURES / "lokr_dora_0.5.safetensors")
+
+
+ADAPTER_KINDS = ["lora", "dora", "lokr", "decomposed lokr"]
+
+
+def bf16_error(kind: str, folder: Path, device: torch.device | str = "cpu") -> float:
+    """The largest relative error of the bf16 adapted projections on `device` against the
+    fp32 fixture, at scale 0.5."""
+    path, reference = adapter_case(kind, folder)
+    model = tiny_model().to(device, torch.bfloat16)
+    ours = effective_weights(model, AdapterCache().get(path, model), 0.5, reference)
+    return max(relative_error(ours[name], weight) for name, weight in reference.items())
+
+
+@pytest.mark.parametrize("kind", ADAPTER_KINDS)
+def test_adapters_in_bf16_stay_within_bf16s_error_of_the_fp32_fixtures(
+    kind: str, tmp_path: Path
+) -> None:
+    assert bf16_error(kind, tmp_path / "adapter") < BF16_BUDGET
