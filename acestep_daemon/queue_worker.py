@@ -75,12 +75,13 @@ def private_folder() -> Path:
 
 
 def _running(pid: int) -> bool:
+    """Whether a process has `pid` (signal 0 checks without sending anything)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
