@@ -10,22 +10,19 @@ in bf16.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from model_fixtures import TINY, load_tiny_model, relative_error
-from safetensors.torch import load_file
+from model_fixtures import load_tiny_model, relative_error
 from test_lora import ADAPTER_KINDS, BF16_BUDGET, bf16_error
 from test_model_fp16 import overflowing_lyric_encoder
-from test_model_sampler import bf16_error_budget, load_fp32_result
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from test_model_sampler import bf16_error_budget, fixture_generation, load_fp32_result
+from torch.nn.attention import SDPBackend
 
 from acestep_daemon.checkpoint import resolve_checkpoint
 from acestep_daemon.constants import SAMPLE_RATE
-from acestep_daemon.model import AceStepModel, sample_turbo
 from acestep_daemon.model.vae import OobleckVAE
 from acestep_daemon.params import GenerationParams
 from acestep_daemon.pipeline import Pipeline
@@ -46,37 +43,9 @@ allow 2x the official bf16 error: the kernel-dependent part of bf16 rounding is 
 same size on every device)."""
 
 
-@torch.no_grad()
-def tiny_generation(
-    model: AceStepModel,
-    device: torch.device,
-    dtype: torch.dtype,
-    kernels: list[SDPBackend] | None = None,
-) -> torch.Tensor:
-    """The fixture's shift-3 text2music case (the official noise) on `device` in `dtype`;
-    `kernels` limits the attention kernels of the DiT's sampling (the condition encoder,
-    whose padding needs a mask, runs before)."""
-    cases = load_file(TINY / "cases.safetensors")
-    model = model.to(device, dtype)
-
-    def put(name: str) -> torch.Tensor:
-        tensor = cases[name].to(device)
-        return tensor if "mask" in name or "order" in name else tensor.to(dtype)
-
-    hidden, _ = model.encode_condition(
-        *(put(f"condition.{n}") for n in ("text_hidden", "text_mask", "lyric_hidden")),
-        *(put(f"condition.{n}") for n in ("lyric_mask", "refer_latents", "refer_order")),
-    )
-    source = put("generate.silence_latent")[:, :17].repeat(2, 1, 1)
-    context = model.build_context(source, torch.ones(2, 17, dtype=dtype, device=device))
-    with sdpa_kernel(kernels) if kernels else contextlib.nullcontext():
-        out = sample_turbo(model, put("generate.noise"), hidden, context, 3.0)
-    return out.float().cpu()
-
-
 def test_dit_in_bf16_on_cuda_stays_within_twice_the_official_bf16_error() -> None:
     """The CPU test's budget (2x the official bf16 run's error against its fp32 run)."""
-    out = tiny_generation(load_tiny_model(), CUDA, torch.bfloat16)
+    out = fixture_generation(load_tiny_model(), torch.bfloat16, CUDA)
     assert relative_error(out, load_fp32_result()) <= bf16_error_budget()
 
 
@@ -85,15 +54,15 @@ def test_mask_free_attention_runs_in_the_flash_kernel_and_equals_the_dense_masks
     mask at all, so the flash kernel alone (which takes none) must be able to run it."""
     dense = load_tiny_model(sliding_window=64)
     dense.decoder.mask_free_attention = False
-    masked = tiny_generation(dense, CUDA, torch.bfloat16)
+    masked = fixture_generation(dense, torch.bfloat16, CUDA)
     fast = load_tiny_model(sliding_window=64)
     fast.decoder.mask_free_attention = True
-    flash = tiny_generation(fast, CUDA, torch.bfloat16, [SDPBackend.FLASH_ATTENTION])
+    flash = fixture_generation(fast, torch.bfloat16, CUDA, [SDPBackend.FLASH_ATTENTION])
     # Two kernels round bf16 differently: on the CPU, moving half the noise by one bf16 ulp
     # (a stand-in for other kernels) moves the output 0.65-1.3 % (test_model_sampler.py), and
     # the math and flash kernels there land 0.95 % apart; 3 % allows twice the worst of it.
     assert relative_error(flash, masked) <= 3e-2
-    fp32 = tiny_generation(load_tiny_model(sliding_window=64), torch.device("cpu"), torch.float32)
+    fp32 = fixture_generation(load_tiny_model(sliding_window=64), torch.float32)
     for out in (flash, masked):  # and each is as near the fp32 run as bf16 allows
         assert relative_error(out, fp32) <= bf16_error_budget()
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
 import torch
 from model_fixtures import TINY, load_tiny_model, relative_error
 from safetensors.torch import load_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from acestep_daemon.model import AceStepModel, draw_noise, sample_turbo, snap_shift, turbo_timesteps
 from acestep_daemon.model.attention import rope_inv_freq
@@ -127,24 +129,33 @@ BF16_ERROR_FACTOR = 2.0
 
 
 @torch.no_grad()
-def fixture_generation(model: AceStepModel, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The fixture's shift-3 generation with every input and the model in `dtype`."""
+def fixture_generation(
+    model: AceStepModel,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    kernels: list[SDPBackend] | None = None,
+) -> torch.Tensor:
+    """The fixture's shift-3 generation with every input and the model in `dtype` on `device`,
+    returned on the CPU; `kernels` limits the attention kernels of the DiT's sampling (the
+    condition encoder, whose padding needs a mask, runs before)."""
     cases = load_file(TINY / "cases.safetensors")
-    model = model.to(dtype)
+    model = model.to(device, dtype)
     noise = draw_noise([11, 22], 17, 64, "cpu", dtype)
     # bf16 noise is the fp32 draw rounded, so it is the same on every CPU.
     assert torch.equal(noise, cases["generate.noise"].to(dtype))
+
+    def put(name: str) -> torch.Tensor:
+        tensor = cases[name].to(device)
+        return tensor if "mask" in name or "order" in name else tensor.to(dtype)
+
     hidden, _ = model.encode_condition(
-        cases["condition.text_hidden"].to(dtype),
-        cases["condition.text_mask"],
-        cases["condition.lyric_hidden"].to(dtype),
-        cases["condition.lyric_mask"],
-        cases["condition.refer_latents"].to(dtype),
-        cases["condition.refer_order"],
+        *(put(f"condition.{n}") for n in ("text_hidden", "text_mask", "lyric_hidden")),
+        *(put(f"condition.{n}") for n in ("lyric_mask", "refer_latents", "refer_order")),
     )
-    source = cases["generate.silence_latent"][:, :17].repeat(2, 1, 1).to(dtype)
-    context = model.build_context(source, torch.ones(2, 17))
-    return sample_turbo(model, noise, hidden, context, 3.0)
+    source = put("generate.silence_latent")[:, :17].repeat(2, 1, 1)
+    context = model.build_context(source, torch.ones(2, 17, device=device))
+    with sdpa_kernel(kernels) if kernels else contextlib.nullcontext():
+        return sample_turbo(model, noise.to(device), hidden, context, 3.0).cpu()
 
 
 def load_fp32_result() -> torch.Tensor:
