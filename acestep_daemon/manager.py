@@ -27,7 +27,14 @@ import torch
 from acestep_daemon import __version__
 from acestep_daemon.audio import write_audio
 from acestep_daemon.errors import AceStepError, Cancelled, InvalidRequest
-from acestep_daemon.memory import FatalWorkerError, MemoryPolicy, Run, free_memory, move
+from acestep_daemon.memory import (
+    FatalWorkerError,
+    MemoryPolicy,
+    Run,
+    free_memory,
+    move,
+    trim_heap,
+)
 from acestep_daemon.options import QUEUE_LIMIT
 from acestep_daemon.params import GenerationParams
 from acestep_daemon.paths import take_path
@@ -336,6 +343,7 @@ class _Worker:
                     pipeline = self._factory()
             except Exception as error:
                 raise FatalWorkerError(f"could not load the pipeline: {error}") from error
+            free_memory()  # what loading and quantizing let go of
             if pipeline.device.type == "cuda":
                 torch.cuda.set_device(pipeline.device)  # this thread's current device
             with manager._cond:
@@ -407,6 +415,8 @@ class _Worker:
                 manager.counters.generated += 1
                 self.generated += 1
             handle._finish(JobResult(path=Path(path), run=run, timings=timings, takes=takes))
+        finally:
+            trim_heap()  # the job's freed activations leave the resident memory
 
 
 class GenerationManager:

@@ -19,6 +19,9 @@ nothing here knows about queues, sockets or files.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import gc
 import logging
 import os
@@ -168,9 +171,34 @@ def out_of_ram(error: BaseException) -> OutOfMemory:
 
 
 def free_memory() -> None:
+    """Collect garbage, hand CUDA's cached blocks back to the driver and the C heap's free
+    pages back to the system, so that what was freed is free for others too."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere
+    nothing). glibc keeps the pages of freed mid-sized blocks (up to its mmap threshold,
+    which grows to 32 MiB as big blocks come and go) in the process: without it, a job's
+    activations or a quantized model's full-precision weights stay in the resident memory."""
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it has glibc's `malloc_trim` (not on musl or macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 def move(pipeline: Pipeline, device: torch.device, dtype: torch.dtype) -> None:

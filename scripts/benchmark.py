@@ -86,7 +86,7 @@ from acestep_daemon.checkpoint import (  # noqa: E402
     resolve_checkpoint,
     resolve_lm,
 )
-from acestep_daemon.memory import MemoryPolicy, free_memory  # noqa: E402
+from acestep_daemon.memory import MemoryPolicy, free_memory, trim_heap  # noqa: E402
 from acestep_daemon.model import AceStepModel  # noqa: E402
 from acestep_daemon.model.vae import OobleckVAE  # noqa: E402
 from acestep_daemon.options import QUANTIZE_SCHEMES  # noqa: E402
@@ -310,7 +310,8 @@ def ours_worker(args: argparse.Namespace) -> int:
     `load_peak_gib` is the peak up to the end of loading; `peak_gib` that of the timed
     generation on a GPU (its allocator's peak is reset after the warm-up), of the whole
     process on the CPU (the RSS high-water mark, which the checkpoint files' pages read at
-    load dominate); `resident_gib` what is held after the timed generation.
+    load dominate); `resident_gib` what is held after the timed generation (the C heap
+    trimmed, as the daemon does after each job).
     """
     from safetensors.torch import save_file
 
@@ -325,6 +326,7 @@ def ours_worker(args: argparse.Namespace) -> int:
     saved["seed"] = torch.tensor(0)
     save_file(saved, args.worker)
     memory = {"load_peak_gib": load_peak, "peak_gib": peak_memory_gib(pipeline.device)}
+    trim_heap()  # as the daemon does after each job
     memory["resident_gib"] = resident_gib(pipeline.device)
     print(json.dumps({"stages": stages, "load_s": load_s, **memory}))
     return 0
