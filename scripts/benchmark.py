@@ -432,7 +432,10 @@ def measure_memory(
 
 def memory_markdown(report: dict[str, Any]) -> list[str]:
     on_cpu = report["device"].startswith("CPU")
-    kind = "RSS: its high-water mark, load included, and what is resident after the song"
+    kind = (
+        "RSS: its high-water mark, load included, and what is resident after the song "
+        "with the C heap trimmed"
+    )
     kind = kind if on_cpu else "the CUDA allocator's peaks and what it holds after the song"
     lines = [
         "",
