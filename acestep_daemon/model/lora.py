@@ -157,7 +157,7 @@ def _hook(update: Update, scale: float, module: nn.Linear) -> Hook:
         if update.magnitude is None:
             delta = torch.kron(update.w1, update.w2) * update.scaling * scale  # [out, in]
         else:
-            delta = _decomposed_lokr_delta(update, scale, module)
+            delta = _decomposed_lokr_delta(update, update.magnitude, scale, module)
 
         def add_kron(
             _: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
@@ -176,15 +176,21 @@ def _hook(update: Update, scale: float, module: nn.Linear) -> Hook:
     return add_update
 
 
-def _decomposed_lokr_delta(update: LokrUpdate, scale: float, module: nn.Linear) -> torch.Tensor:
+def _base_weight(module: nn.Linear) -> torch.Tensor:
+    """The projection's weight [out, in] in float32 (torchao's 8-bit weights dequantized)."""
+    return module.weight.dequantize().float()
+
+
+def _decomposed_lokr_delta(
+    update: LokrUpdate, magnitude: torch.Tensor, scale: float, module: nn.Linear
+) -> torch.Tensor:
     """W' − W [out, in] for a weight-decomposed LoKr update, in float32 in LyCORIS's order of
     operations (so fp32 results equal LyCORIS's), returned in the update's dtype."""
-    assert update.magnitude is not None
-    weight = module.weight.dequantize().float()  # torchao's 8-bit weights too
+    weight = _base_weight(module)
     merged = weight + torch.kron(update.w1.float(), update.w2.float()) * update.scaling
-    per_row = update.magnitude.shape[1] == 1
+    per_row = magnitude.shape[1] == 1
     norm = merged.norm(dim=1 if per_row else 0, keepdim=True) + torch.finfo(torch.float32).eps
-    gain = update.magnitude.float() / norm  # [out, 1] or [1, in]
+    gain = magnitude.float() / norm  # [out, 1] or [1, in]
     if scale != 1:
         gain = scale * (gain - 1) + 1
     return (merged * gain - weight).to(update.w1.dtype)
@@ -195,7 +201,7 @@ def _dora_hook(update: DoraUpdate, scale: float, module: nn.Linear) -> Hook:
     g ⊙ s·up·down·x is added, g = m / ‖W + s·up·down‖ per output row (computed once here, in
     float32 whatever the dtype; PEFT's order of operations, so fp32 results equal PEFT's)."""
     factor = update.scaling * scale
-    weight = module.weight.dequantize().float()  # torchao's 8-bit weights too
+    weight = _base_weight(module)
     down, up = update.down.float(), update.up.float()
     eye = torch.eye(down.shape[1], device=down.device)
     low_rank = F.linear(F.linear(eye, down), up).T  # [out, in]
