@@ -181,14 +181,6 @@ def effective_weights(model: AceStepModel, adapter, scale: float, names) -> dict
     return out
 
 
-def test_lokr_equals_lycoris_bit_for_bit(model: AceStepModel) -> None:
-    adapter = AdapterCache().get(FIXTURES, model)
-    reference = load_file(FIXTURES / "lokr_merged_0.5.safetensors")
-    ours = effective_weights(model, adapter, 0.5, reference)
-    for name, weight in reference.items():
-        assert torch.equal(ours[name], weight), name
-
-
 @pytest.mark.parametrize("mistake", ["alpha_ignored", "scale_twice", "factors_swapped"])
 def test_lokr_fixture_catches_porting_mistakes(model: AceStepModel, mistake: str) -> None:
     """LyCORIS's own `get_diff_weight` applies the scale twice; alpha / dim is easy to drop."""
@@ -235,16 +227,6 @@ def test_cache_keeps_the_most_recently_used(model: AceStepModel, tmp_path: Path)
     assert len(cache._adapters) == 2
 
 
-def test_lora_equals_peft_merge_bit_for_bit(model: AceStepModel, peft_folder: Path) -> None:
-    """`lora_merged_0.5`: upstream's load (`PeftModel.from_pretrained` on the decoder) of
-    `make_tiny_lora(..., dit_config("turbo"))`, its `set_lora_scale(0.5)`, `merge_and_unload`."""
-    adapter = AdapterCache().get(peft_folder, model)
-    reference = load_file(FIXTURES / "lora_merged_0.5.safetensors")
-    ours = effective_weights(model, adapter, 0.5, reference)
-    for name, weight in reference.items():
-        assert torch.equal(ours[name], weight), name
-
-
 @pytest.mark.parametrize("mistake", ["alpha_ignored", "transposed_pair"])
 def test_lora_fixture_catches_porting_mistakes(
     model: AceStepModel, peft_folder: Path, mistake: str
@@ -265,17 +247,6 @@ def test_lora_fixture_catches_porting_mistakes(
 @pytest.fixture(scope="module")
 def dora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_lora(tmp_path_factory.mktemp("dora") / "peft", dit_config("turbo"), dora=True)
-
-
-def test_dora_equals_peft_bit_for_bit(model: AceStepModel, dora_folder: Path) -> None:
-    """`dora_0.5`: upstream's load (`PeftModel.from_pretrained`) of `make_tiny_lora(...,
-    dora=True)`, its `set_lora_scale(0.5)`, PEFT's unmerged forward on an identity."""
-    adapter = AdapterCache().get(dora_folder, model)
-    assert adapter_kind(adapter) == "dora"
-    reference = load_file(FIXTURES / "dora_0.5.safetensors")
-    ours = effective_weights(model, adapter, 0.5, reference)
-    for name, weight in reference.items():
-        assert torch.equal(ours[name], weight), name
 
 
 @pytest.mark.parametrize("mistake", ["magnitude_ignored", "norm_without_update", "norm_per_column"])
@@ -318,18 +289,6 @@ def test_dora_scale_zero_is_the_base_model(
 def decomposed_lokr(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("lokr") / "decomposed"
     return make_tiny_lokr(folder, dit_config("turbo"), weight_decompose=True)
-
-
-def test_weight_decomposed_lokr_equals_lycoris_bit_for_bit(
-    model: AceStepModel, decomposed_lokr: Path
-) -> None:
-    """`lokr_dora_0.5`: `make_tiny_lokr(..., weight_decompose=True)` loaded as upstream does
-    (`create_lycoris(..., dora_wd=True)`), LyCORIS's forward at multiplier 0.5."""
-    adapter = AdapterCache().get(decomposed_lokr, model)
-    reference = load_file(FIXTURES / "lokr_dora_0.5.safetensors")
-    ours = effective_weights(model, adapter, 0.5, reference)
-    for name, weight in reference.items():
-        assert torch.equal(ours[name], weight), name
 
 
 @pytest.mark.parametrize("mistake", ["magnitude_ignored", "scale_on_the_update", "norm_per_column"])
@@ -390,6 +349,21 @@ def adapter_case(kind: str, folder: Path) -> tuple[Path, dict[str, torch.Tensor]
 
 
 ADAPTER_KINDS = ["lora", "dora", "lokr", "decomposed lokr"]
+
+
+@pytest.mark.parametrize("kind", ADAPTER_KINDS)
+def test_adapters_equal_their_reference_bit_for_bit(
+    model: AceStepModel, kind: str, tmp_path: Path
+) -> None:
+    """Each kind as upstream loads it, at scale 0.5, fp32 (recipes in the fixtures README):
+    PEFT (`PeftModel.from_pretrained`, its scaling × 0.5; LoRA merged, DoRA's unmerged forward
+    on an identity), LyCORIS (`create_lycoris`, multiplier 0.5; its forward on an identity)."""
+    path, reference = adapter_case(kind, tmp_path / "adapter")
+    adapter = AdapterCache().get(path, model)
+    assert adapter_kind(adapter) == kind.removeprefix("decomposed ")
+    ours = effective_weights(model, adapter, 0.5, reference)
+    for name, weight in reference.items():
+        assert torch.equal(ours[name], weight), name
 
 
 def bf16_error(kind: str, folder: Path, device: torch.device | str = "cpu") -> float:
