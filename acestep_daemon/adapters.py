@@ -33,13 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from acestep_daemon.errors import InvalidRequest
-from acestep_daemon.model.lora import (
-    DoraUpdate,
-    LokrUpdate,
-    LoraAdapter,
-    LoraUpdate,
-    adapter_mismatch,
-)
+from acestep_daemon.model.lora import LokrUpdate, LoraAdapter, LoraUpdate, adapter_mismatch
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -208,19 +202,18 @@ def _build(
     adapter: LoraAdapter = {}
     expected = {"A", "B", "magnitude_vector"} if dora else {"A", "B"}
     for module, pair in parts.items():
+        if missing := sorted(expected - set(pair)):
+            lacking = ", ".join(f"lora_{part}" for part in missing)
+            raise InvalidRequest(f"{source}: {module} lacks {lacking}")
         if set(pair) != expected:
-            missing = ", ".join(f"lora_{p}" for p in sorted(expected - set(pair))) or None
-            problem = f"lacks {missing}" if missing else "has a DoRA magnitude but no use_dora"
-            raise InvalidRequest(f"{source}: {module} {problem}")
+            raise InvalidRequest(f"{source}: {module} has a DoRA magnitude but no use_dora")
         rank = pair["A"].shape[0]
         alpha = alpha_of(module)
         alpha = float(rank) if alpha is None else alpha
         scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         name = module if module.startswith("decoder.") else f"decoder.{module}"
-        update = LoraUpdate(pair["A"].float(), pair["B"].float(), scaling)
-        if dora:
-            update = DoraUpdate(**vars(update), magnitude=pair["magnitude_vector"].float())
-        adapter[name] = update
+        magnitude = pair["magnitude_vector"].float() if dora else None
+        adapter[name] = LoraUpdate(pair["A"].float(), pair["B"].float(), scaling, magnitude)
     return adapter
 
 

@@ -264,7 +264,7 @@ def test_dora_fixture_catches_porting_mistakes(
         path = "decoder." + name.removesuffix(".weight")
         update = adapter[path]
         if mistake == "magnitude_ignored":
-            mistaken[path] = LoraUpdate(update.down, update.up, update.scaling)
+            mistaken[path] = dataclasses.replace(update, magnitude=None)
             continue
         weight = modules[path].weight.detach()
         adapted = weight + 0.5 * update.scaling * update.up @ update.down  # [out, in]

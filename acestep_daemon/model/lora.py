@@ -3,9 +3,9 @@
 An adapter maps module paths (`decoder.layers.3.self_attn.q_proj`) to an update:
 - `LoraUpdate`: down [r, in], up [out, r] and a scaling (alpha / r); the projection returns
   W·x + b + (up · down · x)·scaling·scale, the forward of an unmerged PEFT LoRA layer.
-- `DoraUpdate`: a LoRA update and a magnitude m [out] (DoRA, arXiv:2402.09353); with
-  s = scaling·scale and g = m / ‖W + s·up·down‖ (each output row's L2 norm), the projection
-  returns g ⊙ (W·x + s·up·down·x) + b, the forward of an unmerged PEFT DoRA layer
+  With a magnitude m [out] (DoRA, arXiv:2402.09353, PEFT's `use_dora`), s = scaling·scale and
+  g = m / ‖W + s·up·down‖ (each output row's L2 norm), the projection returns
+  g ⊙ (W·x + s·up·down·x) + b, the forward of an unmerged PEFT DoRA layer
   (`peft/tuners/lora/dora.py`, `DoraLinearLayer.forward`). Like PEFT's, it rescales what the
   projection returned before it, so an adapter applied earlier on the same projection is
   rescaled too.
@@ -33,25 +33,17 @@ from torch import nn
 
 @dataclass(frozen=True)
 class LoraUpdate:
-    """One projection's low-rank update: down [r, in], up [out, r], scaling alpha / r."""
+    """One projection's low-rank update: down [r, in], up [out, r], scaling alpha / r, and
+    with weight decomposition (DoRA) its magnitudes [out]."""
 
     down: torch.Tensor
     up: torch.Tensor
     scaling: float
+    magnitude: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraUpdate:
-        return LoraUpdate(self.down.to(device, dtype), self.up.to(device, dtype), self.scaling)
-
-
-@dataclass(frozen=True)
-class DoraUpdate(LoraUpdate):
-    """A LoRA update whose adapted rows are rescaled to the magnitudes m [out]."""
-
-    magnitude: torch.Tensor
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> DoraUpdate:
-        low_rank = LoraUpdate.to(self, device, dtype)
-        return DoraUpdate(**vars(low_rank), magnitude=self.magnitude.to(device, dtype))
+        down, up = self.down.to(device, dtype), self.up.to(device, dtype)
+        return LoraUpdate(down, up, self.scaling, _moved(self.magnitude, device, dtype))
 
 
 @dataclass(frozen=True)
@@ -70,12 +62,17 @@ class LokrUpdate:
         return (self.w1.shape[0] * self.w2.shape[0], self.w1.shape[1] * self.w2.shape[1])
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LokrUpdate:
-        magnitude = None if self.magnitude is None else self.magnitude.to(device, dtype)
         w1, w2 = self.w1.to(device, dtype), self.w2.to(device, dtype)
-        return LokrUpdate(w1, w2, self.scaling, magnitude)
+        return LokrUpdate(w1, w2, self.scaling, _moved(self.magnitude, device, dtype))
 
 
-Update = LoraUpdate | DoraUpdate | LokrUpdate
+def _moved(
+    tensor: torch.Tensor | None, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device, dtype)
+
+
+Update = LoraUpdate | LokrUpdate
 
 LoraAdapter = dict[str, Update]
 """Module path in `AceStepModel` -> its update."""
@@ -83,10 +80,10 @@ LoraAdapter = dict[str, Update]
 
 def adapter_kind(adapter: LoraAdapter) -> str:
     """ "lokr", "dora" or "lora", as the adapter's updates are."""
-    for kind, update_type in (("lokr", LokrUpdate), ("dora", DoraUpdate)):
-        if any(isinstance(u, update_type) for u in adapter.values()):
-            return kind
-    return "lora"
+    updates = adapter.values()
+    if any(isinstance(u, LokrUpdate) for u in updates):
+        return "lokr"
+    return "dora" if any(u.magnitude is not None for u in updates) else "lora"
 
 
 def adapter_mismatch(model: nn.Module, adapter: LoraAdapter) -> str | None:
@@ -109,7 +106,7 @@ def adapter_mismatch(model: nn.Module, adapter: LoraAdapter) -> str | None:
                 update.up.shape
             ) == (module.out_features, rank)
             shapes = f"{tuple(update.down.shape)}, {tuple(update.up.shape)}"
-            if isinstance(update, DoraUpdate):
+            if update.magnitude is not None:
                 fits = fits and tuple(update.magnitude.shape) == (module.out_features,)
                 shapes += f", magnitude {tuple(update.magnitude.shape)}"
         if not fits:
@@ -151,8 +148,6 @@ Hook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tenso
 
 def _hook(update: Update, scale: float, module: nn.Linear) -> Hook:
     """A forward hook adding the update, [..., in] -> [..., out], to the projection's output."""
-    if isinstance(update, DoraUpdate):
-        return _dora_hook(update, scale, module)
     if isinstance(update, LokrUpdate):
         if update.magnitude is None:
             delta = torch.kron(update.w1, update.w2) * update.scaling * scale  # [out, in]
@@ -165,6 +160,8 @@ def _hook(update: Update, scale: float, module: nn.Linear) -> Hook:
             return output + F.linear(inputs[0], delta)
 
         return add_kron
+    if update.magnitude is not None:
+        return _dora_hook(update, update.magnitude, scale, module)
     factor = update.scaling * scale
 
     def add_update(
@@ -196,7 +193,9 @@ def _decomposed_lokr_delta(
     return (merged * gain - weight).to(update.w1.dtype)
 
 
-def _dora_hook(update: DoraUpdate, scale: float, module: nn.Linear) -> Hook:
+def _dora_hook(
+    update: LoraUpdate, magnitude: torch.Tensor, scale: float, module: nn.Linear
+) -> Hook:
     """The DoRA forward: the projection's output without its bias, W·x, becomes g ⊙ W·x and
     g ⊙ s·up·down·x is added, g = m / ‖W + s·up·down‖ per output row (computed once here, in
     float32 whatever the dtype; PEFT's order of operations, so fp32 results equal PEFT's)."""
@@ -206,7 +205,7 @@ def _dora_hook(update: DoraUpdate, scale: float, module: nn.Linear) -> Hook:
     eye = torch.eye(down.shape[1], device=down.device)
     low_rank = F.linear(F.linear(eye, down), up).T  # [out, in]
     row_norm = torch.linalg.norm(weight + factor * low_rank, dim=1)  # [out]
-    gain = (update.magnitude.float() / row_norm).to(update.down.dtype)  # [out]
+    gain = (magnitude.float() / row_norm).to(update.down.dtype)  # [out]
 
     def add_dora(
         _: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
